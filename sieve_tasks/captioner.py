@@ -1,0 +1,86 @@
+"""BLIP captioning through HF transformers with SIEVE's official decoding settings."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from PIL import Image
+
+from sieve_tasks.models import Device, is_oom, materialize
+from sieve_tasks.settings import Settings
+from sieve_tasks.test_models import is_test_model, tiny_model_dir
+
+log = logging.getLogger(__name__)
+
+# OpenAI CLIP normalisation: SIEVE feeds BLIP the CLIP ViT-B/32 preprocessing at 224 px.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_style_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side (bicubic), center crop, scale to [0, 1], normalise with CLIP mean/std."""
+    from torchvision import transforms
+
+    return transforms.Compose([
+        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        transforms.Normalize(CLIP_MEAN, CLIP_STD),
+    ])
+
+
+class BlipCaptioner:
+    """Writes ``num_captions`` nucleus-sampled captions per image, reproducibly for a given seed."""
+
+    def __init__(self, ref: str, device: Device, settings: Settings):
+        from transformers import AutoTokenizer, BlipForConditionalGeneration
+
+        path = str(tiny_model_dir(ref)) if is_test_model(ref) else materialize(ref)
+        self.device = device
+        self.settings = settings
+        self.model = BlipForConditionalGeneration.from_pretrained(path, dtype=device.dtype).to(device.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.prompt_ids = self.tokenizer(settings.prompt, return_tensors="pt").input_ids
+        self.oom_splits = 0
+
+    def caption(self, pixel_values: torch.Tensor, seed: int) -> list[list[str]]:
+        """Captions for a batch of preprocessed images; an out-of-memory batch is retried in halves."""
+        try:
+            return self._generate(pixel_values, seed)
+        except Exception as exc:
+            if not is_oom(exc) or pixel_values.shape[0] == 1:
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.oom_splits += 1
+            half = pixel_values.shape[0] // 2
+            log.warning("caption batch of %d ran out of memory; retrying as %d + %d", len(pixel_values), half,
+                        len(pixel_values) - half)
+            return self.caption(pixel_values[:half], seed) + self.caption(pixel_values[half:], seed + half)
+
+    def _generate(self, pixel_values: torch.Tensor, seed: int) -> list[list[str]]:
+        s = self.settings
+        torch.manual_seed(seed)
+        batch = pixel_values.shape[0]
+        with torch.inference_mode():
+            tokens = self.model.generate(
+                pixel_values=pixel_values.to(self.device.device, self.device.dtype),
+                input_ids=self.prompt_ids.repeat(batch, 1).to(self.device.device),
+                interpolate_pos_encoding=True,
+                do_sample=True,
+                top_p=s.top_p,
+                max_length=s.max_length,
+                min_length=s.min_length,
+                repetition_penalty=s.repetition_penalty,
+                num_return_sequences=s.num_captions,
+            )
+        texts = [self.strip_prompt(t) for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+        n = s.num_captions
+        return [texts[i * n : (i + 1) * n] for i in range(batch)]
+
+    def strip_prompt(self, text: str) -> str:
+        prompt = self.settings.prompt.strip().lower()
+        stripped = text.strip()
+        return stripped[len(prompt):].strip() if stripped.lower().startswith(prompt) else stripped

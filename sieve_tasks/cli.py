@@ -1,0 +1,142 @@
+"""The ``sieve`` command: one subcommand per stage, ``run`` for all of them, ``make-sample`` for a demo pool."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from sieve_tasks import models
+from sieve_tasks.settings import METADATA_CLIP_COLUMNS, PROFILES, SCORES, Settings, parse_weights
+
+
+def _model_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("models and inference")
+    g.add_argument("--profile", choices=PROFILES, default="default",
+                   help="'test' swaps captioner and CLIP for tiny random models built offline")
+    g.add_argument("--captioner", default=models.DEFAULT_CAPTIONER, help="BLIP: HF id, local dir or s3:// prefix")
+    g.add_argument("--captions", help="parquet with uid + captions (list) to use instead of captioning; "
+                   "'{shard}' in the path means one file per shard")
+    g.add_argument("--num-captions", type=int, default=8)
+    g.add_argument("--caption-batch-size", type=int, default=8, help="images per captioning batch")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="refuse larger images")
+    g.add_argument("--decode-workers", type=int, default=4, help="threads decoding JPEGs beside the model")
+    g.add_argument("--text-encoder", default=models.DEFAULT_TEXT_ENCODER,
+                   help="sentence-transformers reference (default: the packaged all-MiniLM-L6-v2)")
+    g.add_argument("--clip", default=models.DEFAULT_CLIP,
+                   help="open_clip NAME:PRETRAINED, a local dir, an s3:// prefix, or 'none'")
+    g.add_argument("--clip-from-metadata", choices=sorted(METADATA_CLIP_COLUMNS),
+                   help="use DataComp's precomputed clip_<b32|l14>_similarity_score from the shard parquet")
+    g.add_argument("--mask-phrases", choices=["medium", "long"], default="medium")
+    g.add_argument("--mask-mode", choices=["substring", "word"], default="substring")
+    g.add_argument("--embed-batch-size", type=int, default=256)
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    g.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+    return p
+
+
+def _selection_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("selection")
+    rule = g.add_mutually_exclusive_group()
+    rule.add_argument("--fraction", type=float, help="keep this fraction of the pool (DataComp's rule; default 0.2)")
+    rule.add_argument("--threshold", type=float, help="keep samples whose score is at least this")
+    rule.add_argument("--thresholds-from", metavar="RUN", help="reuse the threshold of a reference run")
+    g.add_argument("--score", choices=SCORES, default="sieve")
+    g.add_argument("--weights", type=parse_weights, default={"sieve": 0.5, "clip": 0.5},
+                   help="fusion weights, summing to 1.0 (default sieve=0.5,clip=0.5)")
+    g.add_argument("--basic-filter", action="store_true", help="also apply DataComp's basic filter")
+    return p
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    fields = Settings.__dataclass_fields__
+    return Settings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sieve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    model_opts, selection_opts = _model_options(), _selection_options()
+    io_help = "INPUT: shard directory/prefix, glob or brace list (local or s3://); RUN: run directory"
+
+    run = sub.add_parser("run", parents=[model_opts, selection_opts], help="all stages in one process")
+    run.add_argument("input")
+    run.add_argument("run")
+    run.add_argument("--no-progress", action="store_true")
+    for name, help_text in (("caption", "write captions per shard"), ("embed", "sentence and CLIP embeddings"),
+                            ("score", "per-sample scores and basic-filter features")):
+        stage = sub.add_parser(name, parents=[model_opts], help=help_text, description=io_help)
+        stage.add_argument("input")
+        stage.add_argument("run")
+        stage.add_argument("--shards", type=lambda s: [x for x in s.split(",") if x],
+                           help="comma-separated shard ids (default: all)")
+    agg = sub.add_parser("aggregate", parents=[selection_opts], help="DuckDB thresholds over all scores")
+    agg.add_argument("run")
+    agg.add_argument("--overwrite", action="store_true")
+    pub = sub.add_parser("publish", help="write RUN/manifest (subset.npy, kept.parquet, summary.json)")
+    pub.add_argument("run")
+    sample = sub.add_parser("make-sample", help="write a small demo pool of real photos")
+    sample.add_argument("out")
+    sample.add_argument("--shards", type=int, default=2)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"sieve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from sieve_tasks import runner
+    from sieve_tasks.sample_pool import make_sample_pool
+    from sieve_tasks.stages.aggregate import aggregate
+    from sieve_tasks.stages.publish import TEST_PROFILE_WARNING, publish
+
+    if args.command == "make-sample":
+        for uri in make_sample_pool(args.out, args.shards):
+            print(uri)
+        return 0
+    if args.command == "publish":
+        _report(publish(args.run))
+        return 0
+    settings = settings_from_args(args)
+    if settings.profile == "test":
+        print(TEST_PROFILE_WARNING, file=sys.stderr)
+    if args.command == "aggregate":
+        print(json.dumps(aggregate(args.run, settings)["selection"], indent=2))
+    elif args.command == "run":
+        _report(runner.run_all(args.input, args.run, settings, progress=not args.no_progress))
+    else:
+        for marker in runner.run_shard_stage(args.command, args.input, args.run, settings, args.shards, progress=True):
+            state = "skipped (complete)" if marker["skipped"] else f"{marker['seconds']}s"
+            print(f"{args.command} {marker['shard']}: {marker['ok']} ok, {marker['failed']} failed, {state}")
+    return 0
+
+
+def _report(summary: dict) -> None:
+    counts = summary["counts"]
+    print(f"read {counts['read']}  scored {counts['scored']}  failed {counts['failed']}  "
+          f"duplicates {counts['duplicates']}  kept {counts['kept']}  (threshold {summary['thresholds']['threshold']:.6g})")
+    for reason, count in summary["failed_by_reason"].items():
+        print(f"  failed: {reason}: {count}")
+    for name, uri in summary["manifest"].items():
+        print(f"{name}: {uri}")
+    if summary["warning"]:
+        print(summary["warning"], file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

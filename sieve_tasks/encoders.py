@@ -1,0 +1,86 @@
+"""Sentence encoder (sentence-transformers) and CLIP (open_clip) wrappers returning unit vectors."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sieve_tasks.models import Device, materialize
+from sieve_tasks.test_models import is_test_model, tiny_model_dir
+
+
+class TextEncoder:
+    """Normalised sentence embeddings; identical texts (captions repeat a lot) are encoded once."""
+
+    def __init__(self, ref: str, device: Device, batch_size: int):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(materialize(ref), device=device.device)
+        if device.dtype != torch.float32:
+            self.model = self.model.to(device.dtype)
+        self.batch_size = batch_size
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        unique, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True)
+        vectors = self.model.encode(
+            list(unique), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+        return vectors.astype(np.float32)[inverse.reshape(-1)]
+
+
+def open_clip_name(ref: str) -> tuple[str, str | None]:
+    """An open_clip (model name, pretrained) pair for a CLIP reference.
+
+    ``ViT-B-32:openai`` (name:pretrained tag or checkpoint file), a local directory or ``s3://`` prefix
+    holding ``open_clip_config.json`` + weights, or the ``test:tiny-clip`` model.
+    """
+    if is_test_model(ref):
+        return f"local-dir:{tiny_model_dir(ref)}", None
+    if ref.startswith("s3://"):
+        return f"local-dir:{materialize(ref)}", None
+    if os.path.isdir(ref):
+        return f"local-dir:{ref}", None
+    name, sep, pretrained = ref.partition(":")
+    if not sep or not name:
+        raise ValueError(f"CLIP reference {ref!r} must be NAME:PRETRAINED (e.g. ViT-B-32:openai), a directory, "
+                         "an s3:// prefix or 'none'")
+    return name, pretrained
+
+
+class ClipEncoder:
+    def __init__(self, ref: str, device: Device, batch_size: int):
+        import open_clip
+
+        name, pretrained = open_clip_name(ref)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device.device, weights_only=True
+        )
+        self.model = self.model.to(device.dtype).eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.device = device
+        self.batch_size = batch_size
+
+    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            features = self.model.encode_image(pixels.to(self.device.device, self.device.dtype))
+        return _unit(features)
+
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        chunks = []
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self.tokenizer(texts[start : start + self.batch_size]).to(self.device.device)
+            with torch.inference_mode():
+                chunks.append(_unit(self.model.encode_text(tokens)))
+        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocess(image)
+
+
+def _unit(features: torch.Tensor) -> np.ndarray:
+    features = features.float()
+    return (features / features.norm(dim=-1, keepdim=True)).cpu().numpy()

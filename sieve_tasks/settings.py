@@ -1,0 +1,112 @@
+"""All options of a curation run, in one typed object shared by the CLI, the stages and the DAGs."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sieve_tasks.models import DEFAULT_CAPTIONER, DEFAULT_CLIP, DEFAULT_TEXT_ENCODER
+from sieve_tasks.shards import DEFAULT_MAX_PIXELS
+from sieve_tasks.test_models import TINY_BLIP, TINY_CLIP
+
+PROFILES = ("default", "test")
+SCORES = ("sieve", "clip", "fused")
+DEFAULT_FRACTION = 0.2  # SIEVE's example: keep the top 20 %
+METADATA_CLIP_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
+
+
+@dataclass
+class Settings:
+    profile: str = "default"
+    # caption stage
+    captioner: str = DEFAULT_CAPTIONER
+    captions: str | None = None  # parquet (uid, captions); "{shard}" in the path means one file per shard
+    num_captions: int = 8
+    top_p: float = 0.9
+    min_length: int = 5
+    max_length: int = 20
+    repetition_penalty: float = 1.1
+    prompt: str = "a picture of "
+    image_size: int = 224
+    caption_batch_size: int = 8
+    seed: int = 0
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    decode_workers: int = 4
+    # embed stage
+    text_encoder: str = DEFAULT_TEXT_ENCODER
+    clip: str = DEFAULT_CLIP  # "none" turns CLIP off
+    clip_from_metadata: str | None = None  # "b32" | "l14": use DataComp's precomputed column
+    mask_phrases: str = "medium"
+    mask_mode: str = "substring"
+    embed_batch_size: int = 256
+    device: str = "auto"
+    dtype: str = "auto"
+    # selection
+    score: str = "sieve"
+    weights: dict[str, float] = field(default_factory=lambda: {"sieve": 0.5, "clip": 0.5})
+    fraction: float | None = None
+    threshold: float | None = None
+    thresholds_from: str | None = None
+    basic_filter: bool = False
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown profile {self.profile!r}; choose one of {list(PROFILES)}")
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; choose one of {list(SCORES)}")
+        if self.clip_from_metadata is not None and self.clip_from_metadata not in METADATA_CLIP_COLUMNS:
+            raise ValueError(f"--clip-from-metadata must be one of {sorted(METADATA_CLIP_COLUMNS)}")
+        if self.profile == "test":
+            self.captioner = TINY_BLIP
+            if self.clip != "none":
+                self.clip = TINY_CLIP
+        chosen = [x is not None for x in (self.fraction, self.threshold, self.thresholds_from)]
+        if sum(chosen) > 1:
+            raise ValueError("give only one of --fraction, --threshold, --thresholds-from")
+        if not any(chosen):
+            self.fraction = DEFAULT_FRACTION
+        if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
+        if self.score == "fused":
+            unknown = set(self.weights) - {"sieve", "clip"}
+            if unknown:
+                raise ValueError(f"unknown weight names {sorted(unknown)}; use sieve and clip")
+            if abs(sum(self.weights.values()) - 1.0) > 1e-9:
+                raise ValueError(f"fusion weights must sum to 1.0, got {sum(self.weights.values())} from {self.weights}")
+        if self.score in ("clip", "fused") and not self.clip_enabled:
+            raise ValueError(f"--score {self.score} needs CLIP: drop --clip none or use --clip-from-metadata")
+        for name in ("num_captions", "caption_batch_size", "embed_batch_size", "decode_workers", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+    @property
+    def clip_enabled(self) -> bool:
+        return self.clip != "none" or self.clip_from_metadata is not None
+
+    def subset(self, *names: str) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in names}
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def parse_weights(spec: str) -> dict[str, float]:
+    """``sieve=0.5,clip=0.5`` → ``{"sieve": 0.5, "clip": 0.5}``."""
+    weights: dict[str, float] = {}
+    for part in spec.split(","):
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"weights must look like sieve=0.5,clip=0.5, got {spec!r}")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"weight {name!r} is not a number: {value!r}") from None
+    return weights

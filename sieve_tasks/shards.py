@@ -1,0 +1,202 @@
+"""Streaming reader for DataComp / img2dataset WebDataset shards (local or S3).
+
+A shard is ``NNNNNNNN.tar`` holding ``{key}.jpg|.txt|.json`` per sample. Members are streamed, never
+extracted; whatever is wrong with one sample is recorded on that sample as a ``reason`` and the rest of
+the shard goes on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from sieve_tasks import storage
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+UID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
+SHARD_NAME = re.compile(r"^[0-9A-Za-z_-]+$")
+MAX_TEXT_CHARS = 2000  # longer alt-texts are cut before the models (recorded as text_truncated)
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
+
+
+class SampleError(Exception):
+    """A per-sample problem; its message is the recorded ``reason``."""
+
+
+@dataclass
+class Sample:
+    shard: str
+    position: int
+    key: str
+    uid: str | None = None
+    text: str | None = None
+    url: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    image: bytes | None = None
+    reason: str | None = None
+    text_truncated: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.reason is None
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One input shard: its id (file stem, e.g. ``00000000``) and where its tar lives."""
+
+    shard_id: str
+    tar_uri: str
+
+    @property
+    def metadata_uri(self) -> str:
+        return self.tar_uri[: -len(".tar")] + ".parquet"
+
+
+def discover_shards(input_spec: str) -> list[Shard]:
+    """Shards named by a directory/prefix, a glob, or a brace/whitespace list (local or ``s3://``)."""
+    uris: list[str] = []
+    for item in storage.iter_inputs(input_spec):
+        if item.endswith(".tar") and not any(ch in item for ch in "*?["):
+            if not storage.exists(item):
+                raise FileNotFoundError(f"input shard does not exist: {item}")
+            uris.append(item)
+        else:
+            uris.extend(storage.list_files(item, ".tar"))
+    if not uris:
+        raise FileNotFoundError(f"no .tar shards found in input {input_spec!r}")
+    shards: dict[str, Shard] = {}
+    for uri in uris:
+        shard_id = storage.basename(uri)[: -len(".tar")]
+        if not SHARD_NAME.match(shard_id):
+            raise ValueError(f"shard name {shard_id!r} ({uri}) must be letters, digits, '-' or '_'")
+        if shard_id in shards and shards[shard_id].tar_uri != uri:
+            raise ValueError(f"two input shards share the id {shard_id!r}: {shards[shard_id].tar_uri} and {uri}")
+        shards[shard_id] = Shard(shard_id, uri)
+    return [shards[k] for k in sorted(shards)]
+
+
+def read_samples(shard: Shard) -> Iterator[Sample]:
+    """Yield every sample of ``shard`` in tar order; bad members become samples with a ``reason``."""
+    position = 0
+    group_key: str | None = None
+    parts: dict[str, bytes] = {}
+    with storage.open_file(shard.tar_uri) as raw:
+        try:
+            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+                for member in tar:
+                    key, ext = _split_name(member.name)
+                    problem = _member_problem(member, key, ext)
+                    if problem:
+                        if group_key is not None:
+                            yield _assemble(shard, position, group_key, parts)
+                            position += 1
+                            group_key, parts = None, {}
+                        yield Sample(shard.shard_id, position, member.name, reason=problem)
+                        position += 1
+                        continue
+                    if key != group_key:
+                        if group_key is not None:
+                            yield _assemble(shard, position, group_key, parts)
+                            position += 1
+                        group_key, parts = key, {}
+                    extracted = tar.extractfile(member)
+                    parts[ext] = extracted.read() if extracted is not None else b""
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            truncated = Sample(shard.shard_id, position, group_key or f"<after position {position}>")
+            truncated.reason = "truncated_tar"
+            truncated.meta["error"] = f"{type(exc).__name__}: {exc}"
+            yield truncated
+            return
+    if group_key is not None:
+        yield _assemble(shard, position, group_key, parts)
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, ext.lower() if dot else ""
+
+
+def _member_problem(member: tarfile.TarInfo, key: str, ext: str) -> str | None:
+    name = member.name
+    if name.startswith("/") or ".." in name.split("/"):
+        return "unsafe_member_name"
+    if member.issym() or member.islnk():
+        return "link_member"
+    if not member.isfile():
+        return "stray_member"
+    if not key or not (ext in IMAGE_EXTENSIONS or ext in ("txt", "json")):
+        return "stray_member"
+    return None
+
+
+def _assemble(shard: Shard, position: int, key: str, parts: dict[str, bytes]) -> Sample:
+    sample = Sample(shard.shard_id, position, key)
+    try:
+        _fill(sample, parts)
+    except SampleError as exc:
+        sample.reason = str(exc)
+    return sample
+
+
+def _fill(sample: Sample, parts: dict[str, bytes]) -> None:
+    raw_json = parts.get("json")
+    if raw_json is not None:
+        try:
+            meta = json.loads(raw_json.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SampleError("malformed_json") from None
+        if not isinstance(meta, dict):
+            raise SampleError("malformed_json")
+        sample.meta = meta
+        sample.url = meta.get("url") if isinstance(meta.get("url"), str) else None
+    uid = sample.meta.get("uid")
+    if isinstance(uid, str) and UID_PATTERN.match(uid.lower()):
+        sample.uid = uid.lower()
+    image = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
+    if raw_json is None:
+        raise SampleError("missing_json")
+    if uid is None:
+        raise SampleError("missing_uid")
+    if sample.uid is None:
+        raise SampleError("invalid_uid")
+    if "txt" not in parts:
+        raise SampleError("missing_text")
+    try:
+        text = parts["txt"].decode("utf-8")
+    except UnicodeDecodeError:
+        raise SampleError("text_not_utf8") from None
+    if len(text) > MAX_TEXT_CHARS:
+        text, sample.text_truncated = text[:MAX_TEXT_CHARS], True
+    sample.text = text
+    if image is None:
+        raise SampleError("missing_image")
+    if not image:
+        raise SampleError("empty_image")
+    sample.image = image
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode to RGB, refusing images over ``max_pixels`` from their header (before any decoding)."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception:
+        raise SampleError("undecodable_image") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise SampleError("image_too_large")
+    if width == 0 or height == 0:
+        raise SampleError("empty_image")
+    try:
+        return image.convert("RGB")
+    except Exception:
+        raise SampleError("undecodable_image") from None

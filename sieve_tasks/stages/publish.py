@@ -1,0 +1,128 @@
+"""Publish step: ``RUN/manifest/`` with DataComp's ``subset.npy``, ``kept.parquet`` and ``summary.json``,
+and the completion marker ``_SUCCESS`` written last. Re-publishing a run gives byte-identical files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from numpy.lib import format as npy_format
+
+from sieve_tasks import storage
+from sieve_tasks.pool import pool_shards
+from sieve_tasks.stages.aggregate import candidate_filter, connect, define_views, score_files, score_expression, thresholds_uri
+from sieve_tasks.test_models import is_test_model
+
+SUBSET_DTYPE = np.dtype("u8,u8")
+KEPT_COLUMNS = ("uid", "shard", "key", "url", "sieve_score", "sieve_mean", "clip_score", "best_caption")
+ROWS_PER_BATCH = 1 << 20
+TEST_PROFILE_WARNING = (
+    "TEST PROFILE: the captioner and CLIP are tiny randomly initialised models built offline; the scores "
+    "and the kept set exercise the pipeline but mean nothing about data quality."
+)
+
+
+def manifest_uri(run: str, name: str = "") -> str:
+    return storage.join(run, "manifest", name) if name else storage.join(run, "manifest")
+
+
+def publish(run: str) -> dict[str, Any]:
+    """Write the manifest of an aggregated run and return its summary."""
+    thresholds = storage.read_json(thresholds_uri(run))
+    selection = thresholds["selection"]
+    files, _ = score_files(run)
+    con = connect(run)
+    define_views(con, files)
+    expression, params = score_expression(selection)
+    where = f"{candidate_filter(selection)} AND ({expression}) >= ?"
+    params = params + params + [selection["threshold"]]
+    query = f"""
+        SELECT {', '.join(KEPT_COLUMNS)}, {expression} AS selection_score,
+               CAST('0x' || substr(uid, 1, 16) AS UBIGINT) AS f0, CAST('0x' || substr(uid, 17, 16) AS UBIGINT) AS f1
+        FROM unique_ok WHERE {where} ORDER BY uid
+    """
+    (kept,) = con.execute(f"SELECT count(*) FROM ({query})", params).fetchall()[0]
+    _write_manifest_files(con, query, params, kept, run)
+    summary = _summary(run, thresholds, kept)
+    storage.write_json_atomic(manifest_uri(run, "summary.json"), summary)
+    storage.write_json_atomic(manifest_uri(run, "_SUCCESS"), {"kept": kept, "fingerprint": thresholds["fingerprint"]})
+    return summary
+
+
+def _write_manifest_files(con, query: str, params: list[Any], kept: int, run: str) -> None:
+    """Stream kept rows once, in uid order, into kept.parquet and subset.npy (header first, then rows)."""
+    reader = con.sql(query, params=params).to_arrow_reader(ROWS_PER_BATCH)
+    kept_schema = None
+    with storage.LocalStaging(manifest_uri(run, "kept.parquet")) as parquet_out, \
+            storage.LocalStaging(manifest_uri(run, "subset.npy")) as npy_out, open(npy_out.path, "wb") as npy:
+        npy_format.write_array_header_1_0(npy, {"descr": npy_format.dtype_to_descr(SUBSET_DTYPE),
+                                                "fortran_order": False, "shape": (kept,)})
+        writer = None
+        for batch in _rebatch(reader, ROWS_PER_BATCH):
+            table = pa.Table.from_batches([batch])
+            pairs = np.empty(table.num_rows, SUBSET_DTYPE)
+            pairs["f0"] = table.column("f0").to_numpy()
+            pairs["f1"] = table.column("f1").to_numpy()
+            npy.write(pairs.tobytes())
+            rows = table.drop_columns(["f0", "f1"])
+            if writer is None:
+                kept_schema = rows.schema
+                writer = pq.ParquetWriter(parquet_out.path, kept_schema, compression="zstd")
+            writer.write_table(rows, row_group_size=ROWS_PER_BATCH)
+        if writer is None:
+            empty = reader.schema
+            kept_schema = pa.schema([f for f in empty if f.name not in ("f0", "f1")])
+            writer = pq.ParquetWriter(parquet_out.path, kept_schema, compression="zstd")
+        writer.close()
+
+
+def _rebatch(reader: pa.RecordBatchReader, size: int):
+    """Fixed-size batches whatever DuckDB's threads produced, so file layouts are reproducible."""
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for batch in reader:
+        pending.append(batch)
+        count += batch.num_rows
+        while count >= size:
+            table = pa.Table.from_batches(pending)
+            yield table.slice(0, size).combine_chunks().to_batches()[0]
+            rest = table.slice(size)
+            pending, count = rest.combine_chunks().to_batches(), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+
+def _stage_record(run: str, stage: str) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """(settings, total seconds, extra facts) of a per-shard stage, read from its completion markers."""
+    markers = [storage.read_json(storage.join(run, stage, f"{s.shard_id}.done.json")) for s in pool_shards(run)]
+    facts = {key: sum(m.get(key, 0) or 0 for m in markers) for key in ("captioned", "provided", "oom_splits")
+             if any(key in m for m in markers)}
+    return markers[0]["settings"], round(sum(m["seconds"] for m in markers), 3), facts
+
+
+def _summary(run: str, thresholds: dict[str, Any], kept: int) -> dict[str, Any]:
+    captions, caption_s, caption_facts = _stage_record(run, "captions")
+    embeddings, embed_s, _ = _stage_record(run, "embeddings")
+    scores, score_s, _ = _stage_record(run, "scores")
+    counts = {**thresholds["counts"], "kept": kept}
+    test_profile = is_test_model(captions["captioner"]) or is_test_model(embeddings["clip"])
+    unique = counts["scored"] - counts["duplicates"]
+    return {
+        "counts": counts,
+        "kept_fraction_of_unique": kept / unique if unique else 0.0,
+        "failed_by_reason": thresholds["failed_by_reason"],
+        "thresholds": thresholds["selection"],
+        "models": {"captioner": captions["captioner"], "captions_file": captions["captions"],
+                   "text_encoder": embeddings["text_encoder"], "clip": embeddings["clip"],
+                   "clip_from_metadata": embeddings["clip_from_metadata"]},
+        "profile": "test" if test_profile else "default",
+        "warning": TEST_PROFILE_WARNING if test_profile else None,
+        "settings": {"captions": captions, "embeddings": embeddings, "scores": scores},
+        "captioning": caption_facts,
+        "timings_seconds": {"caption": caption_s, "embed": embed_s, "score": score_s,
+                            "aggregate": thresholds["seconds"]},
+        "manifest": {name: manifest_uri(run, name) for name in ("subset.npy", "kept.parquet", "summary.json")},
+        "shards": len(pool_shards(run)),
+    }

@@ -1,0 +1,95 @@
+"""Score stage: SIEVE's caption-similarity score, CLIPScore and DataComp's basic-filter features per
+sample. Writes ``RUN/scores/<shard>.parquet`` (one row per sample read, failed ones included)."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from sieve_tasks import storage
+from sieve_tasks.masking import make_masker
+from sieve_tasks.shards import Shard
+from sieve_tasks.stages.base import ShardStage
+
+SCORES_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("position", pa.int64()),
+    ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+    ("sieve_score", pa.float64()), ("sieve_mean", pa.float64()), ("best_caption", pa.string()),
+    ("clip_score", pa.float64()), ("language", pa.string()), ("is_english", pa.bool_()),
+    ("num_words", pa.int64()), ("num_chars", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
+    ("aspect_ratio", pa.float64()), ("passes_basic_filter", pa.bool_()), ("text_truncated", pa.bool_()),
+])
+
+
+@cache
+def _language_identifier():
+    import gcld3
+
+    return gcld3.NNetLanguageIdentifier(min_num_bytes=0, max_num_bytes=1000)
+
+
+def detect_language(text: str) -> str:
+    """CLD3 (as LAION used it), offline: its model ships inside the ``cld3-py`` wheel."""
+    return _language_identifier().FindLanguage(text=text).language
+
+
+def sieve_scores(text_embedding: np.ndarray, caption_embeddings: np.ndarray, masked_captions: list[str]
+                 ) -> tuple[float, float, int]:
+    """(max cosine, mean cosine, index of the best caption); 0.0 when the best masked caption is empty."""
+    cosines = caption_embeddings @ text_embedding
+    best = int(np.argmax(cosines))
+    score = 0.0 if len(masked_captions[best]) == 0 else float(cosines[best])
+    return score, float(np.mean(cosines)), best
+
+
+def basic_filter_features(text: str, width: int, height: int) -> dict[str, Any]:
+    """DataComp's basic filter: English, > 2 words, > 5 characters, shorter side ≥ 200, aspect ≤ 3."""
+    language = detect_language(text)
+    words, chars = len(text.split()), len(text)
+    aspect = max(width, height) / min(width, height)
+    return {
+        "language": language, "is_english": language == "en", "num_words": words, "num_chars": chars,
+        "width": width, "height": height, "aspect_ratio": aspect,
+        "passes_basic_filter": language == "en" and words > 2 and chars > 5 and min(width, height) >= 200
+        and aspect <= 3.0,
+    }
+
+
+class ScoreStage(ShardStage):
+    name = "scores"
+    upstream = "embeddings"
+
+    def stage_settings(self) -> dict[str, Any]:
+        return self.settings.subset("mask_phrases", "mask_mode", "clip_from_metadata")
+
+    def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
+        mask = make_masker(self.settings.mask_phrases, self.settings.mask_mode)
+        captions = storage.read_parquet(storage.join(self.run, "captions", f"{shard.shard_id}.parquet")).to_pylist()
+        embeddings = storage.read_parquet(storage.join(self.run, self.upstream, f"{shard.shard_id}.parquet")).to_pylist()
+        rows = []
+        for cap, emb in zip(captions, embeddings, strict=True):
+            row = {name: None for name in SCORES_SCHEMA.names}
+            row.update({k: cap[k] for k in ("uid", "shard", "key", "position", "url", "text_truncated")})
+            row.update(status=emb["status"], reason=emb["reason"])
+            if emb["status"] == "ok":
+                score, mean, best = sieve_scores(
+                    np.asarray(emb["text_embedding"], np.float32), np.asarray(emb["caption_embeddings"], np.float32),
+                    [mask(c) for c in cap["captions"]],
+                )
+                row.update(sieve_score=score, sieve_mean=mean, best_caption=cap["captions"][best])
+                row["clip_score"] = self._clip_score(cap, emb)
+                width = cap["original_width"] or cap["width"]
+                height = cap["original_height"] or cap["height"]
+                row.update(basic_filter_features(cap["text"], width, height))
+            rows.append(row)
+        return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), {}
+
+    def _clip_score(self, cap: dict[str, Any], emb: dict[str, Any]) -> float | None:
+        if self.settings.clip_from_metadata is not None:
+            return cap["metadata_clip_score"]
+        if emb["clip_image_embedding"] is None:
+            return None
+        return float(np.dot(np.asarray(emb["clip_image_embedding"]), np.asarray(emb["clip_text_embedding"])))
