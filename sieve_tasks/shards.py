@@ -189,6 +189,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     """Decode to RGB, refusing images over ``max_pixels`` from their header (before any decoding)."""
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise SampleError("image_too_large") from None
     except Exception:
         raise SampleError("undecodable_image") from None
     width, height = image.size

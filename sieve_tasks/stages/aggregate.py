@@ -17,6 +17,7 @@ import duckdb
 from sieve_tasks import storage
 from sieve_tasks.pool import pool_shards
 from sieve_tasks.settings import Settings, fingerprint
+from sieve_tasks.stages.base import marker_uri
 
 SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
 
@@ -39,11 +40,11 @@ def connect(run: str, memory_limit: str | None = None) -> duckdb.DuckDBPyConnect
 def score_files(run: str) -> tuple[list[str], list[str]]:
     """Every shard's score file and marker fingerprint; an error naming the shards not scored yet."""
     shards = pool_shards(run)
-    missing = [s.shard_id for s in shards if not storage.exists(storage.join(run, "scores", f"{s.shard_id}.done.json"))]
+    missing = [s.shard_id for s in shards if not storage.exists(marker_uri(run, "scores", s.shard_id))]
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(shards)} shards have no scores yet: {missing[:10]}")
     files = [storage.join(run, "scores", f"{s.shard_id}.parquet") for s in shards]
-    prints = [storage.read_json(storage.join(run, "scores", f"{s.shard_id}.done.json"))["fingerprint"] for s in shards]
+    prints = [storage.read_json(marker_uri(run, "scores", s.shard_id))["fingerprint"] for s in shards]
     return files, prints
 
 

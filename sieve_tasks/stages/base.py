@@ -17,9 +17,14 @@ from sieve_tasks.shards import Shard
 log = logging.getLogger(__name__)
 
 
+def marker_uri(run: str, stage: str, shard_id: str) -> str:
+    return storage.join(run, stage, "_done", f"{shard_id}.json")
+
+
 class ShardStage(ABC):
     """One unit of work per shard: ``run_shard`` reads the shard (and upstream outputs), writes
-    ``RUN/<name>/<shard>.parquet`` then the completion marker ``RUN/<name>/<shard>.done.json``.
+    ``RUN/<name>/<shard>.parquet`` then the completion marker ``RUN/<name>/_done/<shard>.json`` (under a
+    ``_`` folder, which parquet dataset readers skip, so ``RUN/<name>/`` reads as one table).
 
     A shard whose marker exists with the same fingerprint (this stage's settings plus the upstream
     marker's fingerprint) is skipped, so reruns and Airflow retries never redo or duplicate work.
@@ -44,12 +49,12 @@ class ShardStage(ABC):
         return storage.join(self.run, self.name, f"{shard_id}.parquet")
 
     def marker_uri(self, shard_id: str) -> str:
-        return storage.join(self.run, self.name, f"{shard_id}.done.json")
+        return marker_uri(self.run, self.name, shard_id)
 
     def fingerprint(self, shard_id: str) -> str:
         upstream = None
         if self.upstream is not None:
-            marker = storage.join(self.run, self.upstream, f"{shard_id}.done.json")
+            marker = marker_uri(self.run, self.upstream, shard_id)
             if not storage.exists(marker):
                 raise RuntimeError(f"shard {shard_id}: the {self.upstream} stage has not completed ({marker} missing)")
             upstream = storage.read_json(marker)["fingerprint"]

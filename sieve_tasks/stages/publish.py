@@ -13,6 +13,7 @@ from numpy.lib import format as npy_format
 from sieve_tasks import storage
 from sieve_tasks.pool import pool_shards
 from sieve_tasks.stages.aggregate import candidate_filter, connect, define_views, score_files, score_expression, thresholds_uri
+from sieve_tasks.stages.base import marker_uri
 from sieve_tasks.test_models import is_test_model
 
 SUBSET_DTYPE = np.dtype("u8,u8")
@@ -96,7 +97,7 @@ def _rebatch(reader: pa.RecordBatchReader, size: int):
 
 def _stage_record(run: str, stage: str) -> tuple[dict[str, Any], float, dict[str, Any]]:
     """(settings, total seconds, extra facts) of a per-shard stage, read from its completion markers."""
-    markers = [storage.read_json(storage.join(run, stage, f"{s.shard_id}.done.json")) for s in pool_shards(run)]
+    markers = [storage.read_json(marker_uri(run, stage, s.shard_id)) for s in pool_shards(run)]
     facts = {key: sum(m.get(key, 0) or 0 for m in markers) for key in ("captioned", "provided", "oom_splits")
              if any(key in m for m in markers)}
     return markers[0]["settings"], round(sum(m["seconds"] for m in markers), 3), facts

@@ -1,0 +1,105 @@
+"""``sieve run`` end to end on the make-sample pool with the test profile."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from sieve_tasks.cli import main
+
+
+def _summary(run):
+    return json.loads(open(os.path.join(run, "manifest", "summary.json")).read())
+
+
+def test_run_writes_every_output(test_profile_run):
+    for stage in ("captions", "embeddings", "scores"):
+        for shard in ("00000000", "00000001"):
+            assert os.path.exists(os.path.join(test_profile_run, stage, f"{shard}.parquet"))
+            assert os.path.exists(os.path.join(test_profile_run, stage, "_done", f"{shard}.json"))
+    for name in ("shards.json", "thresholds.json", "manifest/subset.npy", "manifest/kept.parquet",
+                 "manifest/summary.json", "manifest/_SUCCESS"):
+        assert os.path.exists(os.path.join(test_profile_run, name)), name
+
+
+def test_summary_counts_add_up_and_say_test_profile(test_profile_run):
+    summary = _summary(test_profile_run)
+    counts = summary["counts"]
+    assert counts == {"read": 17, "scored": 16, "failed": 1, "duplicates": 0, "kept": counts["kept"]}
+    assert counts["read"] == counts["scored"] + counts["failed"]
+    assert summary["failed_by_reason"] == {"undecodable_image": 1}
+    assert summary["profile"] == "test" and "TEST PROFILE" in summary["warning"]
+    assert summary["models"]["captioner"] == "test:tiny-blip"
+    assert summary["models"]["text_encoder"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert set(summary["timings_seconds"]) == {"caption", "embed", "score", "aggregate"}
+    assert summary["captioning"]["captioned"] == 16
+
+
+def test_kept_set_follows_the_fraction_rule(test_profile_run):
+    scores = pq.read_table(os.path.join(test_profile_run, "scores")).to_pylist()
+    ok = [r for r in scores if r["status"] == "ok"]
+    values = np.array([r["sieve_score"] for r in ok])
+    n = int(len(values) * 0.2)
+    threshold = -np.sort(-values)[n]
+    expected = sorted(r["uid"] for r in ok if r["sieve_score"] >= threshold)
+    kept = pq.read_table(os.path.join(test_profile_run, "manifest", "kept.parquet")).column("uid").to_pylist()
+    assert kept == expected
+    assert _summary(test_profile_run)["thresholds"]["threshold"] == pytest.approx(threshold)
+
+
+def test_subset_npy_is_datacomp_format(test_profile_run):
+    subset = np.load(os.path.join(test_profile_run, "manifest", "subset.npy"))
+    assert subset.dtype == np.dtype([("f0", "<u8"), ("f1", "<u8")])
+    assert np.array_equal(subset, np.sort(subset))
+    kept = pq.read_table(os.path.join(test_profile_run, "manifest", "kept.parquet")).column("uid").to_pylist()
+    decoded = [f"{int(a):016x}{int(b):016x}" for a, b in subset]
+    assert decoded == kept
+    # DataComp's resharder looks uids up with np.searchsorted
+    for uid in kept:
+        key = np.array([(int(uid[:16], 16), int(uid[16:], 16))], np.dtype("u8,u8"))
+        assert subset[np.searchsorted(subset, key)[0]] == key[0]
+
+
+def test_captions_are_eight_per_image_with_prompt_stripped(test_profile_run):
+    captions = pq.read_table(os.path.join(test_profile_run, "captions")).to_pylist()
+    ok = [r for r in captions if r["status"] == "ok"]
+    assert all(len(r["captions"]) == 8 for r in ok)
+    assert not any(c.startswith("a picture of") for r in ok for c in r["captions"])
+
+
+def test_rerun_skips_everything_and_republish_is_byte_identical(test_profile_run, sample_pool, capsys):
+    manifest = os.path.join(test_profile_run, "manifest")
+    before = {name: open(os.path.join(manifest, name), "rb").read() for name in os.listdir(manifest)}
+    assert main(["caption", sample_pool, test_profile_run, "--profile", "test"]) == 0
+    assert capsys.readouterr().out.count("skipped (complete)") == 2
+    assert main(["run", sample_pool, test_profile_run, "--profile", "test", "--no-progress"]) == 0
+    assert main(["publish", test_profile_run]) == 0
+    after = {name: open(os.path.join(manifest, name), "rb").read() for name in os.listdir(manifest)}
+    assert after == before
+
+
+def test_captioning_is_reproducible_for_a_seed(test_profile_run, sample_pool, tmp_path):
+    run = str(tmp_path / "again")
+    assert main(["caption", sample_pool, run, "--profile", "test", "--shards", "00000001"]) == 0
+    again = pq.read_table(os.path.join(run, "captions", "00000001.parquet")).column("captions").to_pylist()
+    first = pq.read_table(os.path.join(test_profile_run, "captions", "00000001.parquet")).column("captions").to_pylist()
+    assert again == first
+
+
+def test_cli_errors_are_clear(sample_pool, tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nothing"), str(tmp_path / "r"), "--profile", "test"]) == 2
+    assert "no .tar shards" in capsys.readouterr().err
+    assert main(["run", sample_pool, str(tmp_path / "r"), "--score", "fused", "--weights", "sieve=0.7,clip=0.7"]) == 2
+    assert "must sum to 1.0" in capsys.readouterr().err
+    assert main(["run", sample_pool, str(tmp_path / "r"), "--score", "clip", "--clip", "none"]) == 2
+    assert "needs CLIP" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "sieve"), "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and "make-sample" in result.stdout

@@ -1,0 +1,125 @@
+"""Every bad-input case: recorded with a reason, the valid samples of the same shard still scored, and
+nothing written outside the run directory."""
+
+import os
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from sieve_tasks.cli import main
+from sieve_tasks.shards import Shard, read_samples
+from tests.shardmaker import ShardBuilder, bomb_png, photo_jpeg
+
+EXPECTED_REASONS = {
+    "k_undecodable": "undecodable_image",
+    "k_empty_image": "empty_image",
+    "k_bomb": "image_too_large",
+    "k_no_text": "missing_text",
+    "k_no_uid": "missing_uid",
+    "k_bad_uid": "invalid_uid",
+    "k_no_json": "missing_json",
+    "k_latin1": "text_not_utf8",
+    "k_bad_json": "malformed_json",
+    "k_no_image": "missing_image",
+    "README": "stray_member",
+    "../escape.jpg": "unsafe_member_name",
+    "/etc/absolute.jpg": "unsafe_member_name",
+    "k_link.jpg": "link_member",
+    "k_hardlink.jpg": "link_member",
+    "subdir": "stray_member",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile_pool(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    pool = root / "pool"
+    pool.mkdir()
+    jpeg = photo_jpeg()
+    b = ShardBuilder()
+    good = [b.sample("k_good_1", "An astronaut in a space suit", jpeg)]
+    b.sample("k_undecodable", "broken", b"\xff\xd8 definitely not a jpeg")
+    b.sample("k_empty_image", "empty", b"")
+    b.sample("k_bomb", "a bomb", bomb_png(), image_ext="png")
+    b.sample("k_no_text", None, jpeg)
+    b.sample("k_no_uid", "no uid", jpeg, meta={"url": "https://example.com/x.jpg"})
+    b.sample("k_bad_uid", "bad uid", jpeg, meta={"uid": "not-a-uid"})
+    b.sample("k_no_json", "no json", jpeg, meta=b"<none>")
+    b.sample("k_latin1", "caf\xe9".encode("latin-1"), jpeg)
+    b.sample("k_bad_json", "bad json", jpeg, meta=b"{not json")
+    b.sample("k_no_image", "no image")
+    b.raw("README", b"this is not a sample")
+    b.raw("../escape.jpg", jpeg)
+    b.raw("/etc/absolute.jpg", jpeg)
+    b.raw("k_link.jpg", kind=tarfile.SYMTYPE, linkname="/etc/passwd")
+    b.raw("k_hardlink.jpg", kind=tarfile.LNKTYPE, linkname="k_good_1.jpg")
+    b.raw("subdir", kind=tarfile.DIRTYPE)
+    good.append(b.sample("k_good_2", "A huge text " * 1000, photo_jpeg("coffee")))
+    b.write(pool / "00000000.tar")
+
+    truncated = ShardBuilder()
+    good.append(truncated.sample("t_good", "A cup of coffee", photo_jpeg("coffee")))
+    truncated.sample("t_cut", "A rocket", photo_jpeg("rocket"))
+    data = truncated.tar_bytes()
+    (pool / "00000001.tar").write_bytes(data[: len(data) // 2 + 700])
+    return root, pool, good
+
+
+@pytest.fixture(scope="module")
+def hostile_run(hostile_pool):
+    root, pool, _ = hostile_pool
+    run = root / "run"
+    before = set(os.listdir(root))
+    assert main(["run", str(pool), str(run), "--profile", "test", "--max-pixels", "50000000", "--no-progress"]) == 0
+    assert set(os.listdir(root)) == before | {"run"}, "nothing may be written outside the run directory"
+    return run
+
+
+def _rows(run):
+    return pq.read_table(run / "scores").to_pylist()
+
+
+def test_each_bad_input_is_recorded_with_its_reason(hostile_run):
+    reasons = {row["key"]: row["reason"] for row in _rows(hostile_run) if row["status"] == "failed"}
+    for key, reason in EXPECTED_REASONS.items():
+        assert reasons.get(key) == reason, key
+    assert reasons["t_cut"] == "truncated_tar"
+
+
+def test_valid_samples_in_the_same_shards_are_scored(hostile_pool, hostile_run):
+    _, _, good = hostile_pool
+    scored = {row["uid"]: row for row in _rows(hostile_run) if row["status"] == "ok"}
+    assert set(scored) == set(good)
+    for row in scored.values():
+        assert row["reason"] is None and row["sieve_score"] is not None and row["clip_score"] is not None
+
+
+def test_huge_text_is_truncated_and_recorded(hostile_run):
+    row = next(r for r in _rows(hostile_run) if r["key"] == "k_good_2")
+    assert row["status"] == "ok" and row["text_truncated"] is True and row["num_chars"] == 2000
+
+
+def test_counts_add_up_and_show_every_failure(hostile_run):
+    import json
+
+    summary = json.loads((hostile_run / "manifest" / "summary.json").read_text())
+    counts = summary["counts"]
+    assert counts["read"] == counts["scored"] + counts["failed"] == len(_rows(hostile_run))
+    assert counts["scored"] == 3
+    assert sum(summary["failed_by_reason"].values()) == counts["failed"]
+    assert summary["failed_by_reason"]["unsafe_member_name"] == 2
+
+
+def test_unsafe_members_are_never_written(hostile_pool, hostile_run):
+    root, _, _ = hostile_pool
+    assert not (root / "escape.jpg").exists()
+    assert not os.path.exists("/etc/absolute.jpg")
+
+
+def test_reader_streams_without_extracting(hostile_pool, tmp_path, monkeypatch):
+    _, pool, _ = hostile_pool
+    monkeypatch.chdir(tmp_path)
+    samples = list(read_samples(Shard("00000000", str(pool / "00000000.tar"))))
+    assert [s.position for s in samples] == list(range(len(samples)))
+    assert os.listdir(tmp_path) == []

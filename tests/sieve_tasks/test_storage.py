@@ -1,0 +1,50 @@
+import os
+
+import pytest
+
+from sieve_tasks import storage
+from sieve_tasks.shards import discover_shards
+
+
+def test_brace_expansion():
+    assert storage.expand_braces("p/{00000000..00000002}.tar") == ["p/00000000.tar", "p/00000001.tar", "p/00000002.tar"]
+    assert storage.expand_braces("{a,b}/{1..2}.tar") == ["a/1.tar", "a/2.tar", "b/1.tar", "b/2.tar"]
+    with pytest.raises(ValueError, match="unbalanced"):
+        storage.expand_braces("p/{0..1.tar")
+
+
+def test_atomic_write_leaves_no_temporaries(tmp_path):
+    target = tmp_path / "sub" / "x.json"
+    storage.write_json_atomic(str(target), {"b": 1, "a": 2})
+    assert target.read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
+    assert os.listdir(target.parent) == ["x.json"]
+
+
+def test_failed_staging_publishes_nothing(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with storage.LocalStaging(str(target)) as staged:
+            open(staged.path, "wb").write(b"partial")
+            raise RuntimeError("crash while writing")
+    assert os.listdir(tmp_path) == []
+
+
+def test_discover_shards_by_dir_glob_and_braces(sample_pool):
+    by_dir = discover_shards(sample_pool)
+    assert [s.shard_id for s in by_dir] == ["00000000", "00000001"]
+    assert discover_shards(f"{sample_pool}/*.tar") == by_dir
+    assert discover_shards(f"{sample_pool}/{{00000000..00000001}}.tar") == by_dir
+    assert [s.shard_id for s in discover_shards(f"{sample_pool}/00000001.tar")] == ["00000001"]
+
+
+def test_discover_shards_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no .tar shards"):
+        discover_shards(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover_shards(str(tmp_path / "00000007.tar"))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "00000000.tar").write_bytes(b"")
+    (tmp_path / "b" / "00000000.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="share the id"):
+        discover_shards(f"{tmp_path}/a {tmp_path}/b")
