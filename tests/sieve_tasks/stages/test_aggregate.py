@@ -1,0 +1,140 @@
+"""Threshold rules and fusion against DataComp's own method, on score files with ties and duplicates."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from sieve_tasks import storage
+from sieve_tasks.settings import Settings
+from sieve_tasks.stages.aggregate import aggregate
+from sieve_tasks.stages.base import marker_uri
+from sieve_tasks.stages.publish import publish
+from sieve_tasks.stages.score import SCORES_SCHEMA
+
+
+def write_scored_run(run, shards: dict[str, list[dict]]) -> None:
+    """A run directory whose score stage is complete, with the given rows per shard."""
+    storage.write_json_atomic(f"{run}/shards.json", {"input": "fixture", "shards": {s: f"/in/{s}.tar" for s in shards}})
+    for shard, rows in shards.items():
+        full = []
+        for position, row in enumerate(rows):
+            base = {name: None for name in SCORES_SCHEMA.names}
+            base.update(shard=shard, position=position, key=f"{shard}-{position}", status="ok",
+                        passes_basic_filter=True)
+            base.update(row)
+            full.append(base)
+        (run / "scores").mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(full, schema=SCORES_SCHEMA), run / "scores" / f"{shard}.parquet")
+        for stage in ("captions", "embeddings", "scores"):
+            storage.write_json_atomic(marker_uri(str(run), stage, shard), {
+                "fingerprint": f"fixture-{shard}", "seconds": 1.0,
+                "settings": {"captioner": "fixture", "captions": None, "text_encoder": "fixture", "clip": "fixture",
+                             "clip_from_metadata": None}})
+
+
+def uid(i: int) -> str:
+    return f"{i:032x}"
+
+
+def datacomp_threshold(values: np.ndarray, fraction: float) -> float:
+    n = int(len(values) * fraction)
+    return -np.sort(-values)[n]
+
+
+@pytest.fixture
+def tied_pool(tmp_path):
+    rng = np.random.default_rng(7)
+    sieve = np.round(rng.uniform(0.0, 1.0, 200), 1)  # only 11 distinct values: many ties
+    clip = np.round(rng.uniform(0.1, 0.4, 200), 2)
+    rows = [{"uid": uid(i), "sieve_score": float(s), "clip_score": float(c)} for i, (s, c) in enumerate(zip(sieve, clip))]
+    run = tmp_path / "run"
+    write_scored_run(run, {"00000000": rows[:120], "00000001": rows[120:]})
+    return run, sieve, clip
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.2, 0.3, 0.5, 1.0])
+def test_fraction_rule_matches_datacomp_with_ties(tied_pool, fraction):
+    run, sieve, _ = tied_pool
+    result = aggregate(str(run), Settings(fraction=fraction, clip="none"))
+    expected = datacomp_threshold(sieve, fraction) if fraction < 1.0 else sieve.min()
+    assert result["selection"]["threshold"] == pytest.approx(expected)
+    publish(str(run))
+    kept = pq.read_table(run / "manifest" / "kept.parquet").column("uid").to_pylist()
+    assert kept == sorted(uid(i) for i in np.flatnonzero(sieve >= expected))
+
+
+def test_fused_score_matches_datacomp(tied_pool):
+    run, sieve, clip = tied_pool
+    weights = {"sieve": 0.3, "clip": 0.7}
+    aggregate(str(run), Settings(score="fused", weights=weights, fraction=0.25, clip="test:tiny-clip"))
+    normalised = {k: (v - v.min()) / (v.max() - v.min()) for k, v in (("sieve", sieve), ("clip", clip))}
+    fused = weights["sieve"] * normalised["sieve"] + weights["clip"] * normalised["clip"]
+    threshold = datacomp_threshold(fused, 0.25)
+    summary = publish(str(run))
+    assert summary["thresholds"]["threshold"] == pytest.approx(threshold, abs=1e-12)
+    kept = pq.read_table(run / "manifest" / "kept.parquet")
+    assert kept.column("uid").to_pylist() == sorted(uid(i) for i in np.flatnonzero(fused >= threshold - 1e-12))
+
+
+def test_weights_must_sum_to_one():
+    with pytest.raises(ValueError, match="must sum to 1.0"):
+        Settings(score="fused", weights={"sieve": 0.5, "clip": 0.6})
+
+
+def test_duplicates_kept_once_from_first_shard_and_position(tmp_path):
+    run = tmp_path / "run"
+    write_scored_run(run, {
+        "00000000": [{"uid": uid(1), "sieve_score": 0.1}, {"uid": uid(2), "sieve_score": 0.9},
+                     {"uid": uid(2), "sieve_score": 0.2}],
+        "00000001": [{"uid": uid(1), "sieve_score": 0.95}, {"uid": uid(3), "sieve_score": 0.5},
+                     {"uid": None, "status": "failed", "reason": "missing_uid"}],
+    })
+    result = aggregate(str(run), Settings(threshold=0.3, clip="none"))
+    assert result["counts"] == {"read": 6, "scored": 5, "failed": 1, "duplicates": 2}
+    summary = publish(str(run))
+    kept = pq.read_table(run / "manifest" / "kept.parquet").to_pylist()
+    # uid 1 counts with its first occurrence (0.1), not the later 0.95; uid 2 with 0.9
+    assert [(r["uid"], r["shard"], r["key"]) for r in kept] == [(uid(2), "00000000", "00000000-1"),
+                                                                 (uid(3), "00000001", "00000001-1")]
+    assert summary["counts"]["kept"] == 2 and summary["failed_by_reason"] == {"missing_uid": 1}
+
+
+def test_thresholds_from_a_reference_run(tied_pool, tmp_path):
+    reference, sieve, _ = tied_pool
+    aggregate(str(reference), Settings(fraction=0.2, clip="none"))
+    bar = json.loads((reference / "thresholds.json").read_text())["selection"]["threshold"]
+    fresh = tmp_path / "fresh"
+    write_scored_run(fresh, {"00000005": [{"uid": uid(900 + i), "sieve_score": s} for i, s in enumerate([0.1, bar, 0.99])]})
+    result = aggregate(str(fresh), Settings(thresholds_from=str(reference), clip="none"))
+    assert result["selection"]["rule"] == "reference" and result["selection"]["threshold"] == bar
+    kept = pq.read_table(publish(str(fresh))["manifest"]["kept.parquet"]).column("uid").to_pylist()
+    assert kept == [uid(901), uid(902)]
+
+
+def test_basic_filter_restricts_candidates(tmp_path):
+    run = tmp_path / "run"
+    write_scored_run(run, {"00000000": [{"uid": uid(i), "sieve_score": i / 10, "passes_basic_filter": i % 2 == 0}
+                                        for i in range(10)]})
+    aggregate(str(run), Settings(threshold=0.0, basic_filter=True, clip="none"))
+    kept = pq.read_table(publish(str(run))["manifest"]["kept.parquet"]).column("uid").to_pylist()
+    assert kept == [uid(i) for i in range(0, 10, 2)]
+
+
+def test_missing_scores_stop_aggregation_with_the_shard_named(tmp_path):
+    run = tmp_path / "run"
+    write_scored_run(run, {"00000000": [{"uid": uid(1), "sieve_score": 0.5}]})
+    storage.write_json_atomic(f"{run}/shards.json", {"input": "x", "shards": {"00000000": "a", "00000009": "b"}})
+    with pytest.raises(RuntimeError, match="00000009"):
+        aggregate(str(run), Settings(clip="none"))
+
+
+def test_injection_strings_are_data_not_sql(tmp_path):
+    evil = tmp_path / "run'; DROP TABLE scores; --"
+    write_scored_run(evil, {"00000000": [{"uid": uid(i), "sieve_score": i / 10} for i in range(10)]})
+    assert aggregate(str(evil), Settings(fraction=0.5, clip="none"))["counts"]["read"] == 10
+    assert publish(str(evil))["counts"]["kept"] == 6  # n = 5, threshold 0.4, keep >=
+    with pytest.raises(ValueError, match="unknown score"):
+        Settings(score="sieve_score); DROP TABLE scores; --")
