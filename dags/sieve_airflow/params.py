@@ -1,0 +1,70 @@
+"""The trigger-form Params shared by the SIEVE DAGs (validated by Airflow with JSON Schema).
+
+Defaults mirror ``sieve_tasks.settings.Settings`` and ``sieve_tasks.models`` (a test keeps them equal);
+they are literals here so parsing a DAG file never imports torch.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param
+
+DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
+DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_CLIP = "ViT-B-32:openai"
+DEFAULT_WEIGHTS = {"sieve": 0.5, "clip": 0.5}
+
+_OPTIONAL_NUMBER = ["null", "number"]
+_OPTIONAL_STRING = ["null", "string"]
+
+
+def selection_params(*, section: str = "Selection") -> dict[str, Param]:
+    return {
+        "fraction": Param(None, type=_OPTIONAL_NUMBER, exclusiveMinimum=0, maximum=1, section=section,
+                          title="Keep fraction",
+                          description="Keep this fraction of the pool (DataComp's rule). Give at most one of "
+                                      "fraction, threshold, thresholds_from; none of them means 0.2."),
+        "threshold": Param(None, type=_OPTIONAL_NUMBER, section=section, title="Score threshold",
+                           description="Keep samples whose selection score is at least this."),
+        "thresholds_from": Param(None, type=_OPTIONAL_STRING, section=section, title="Reference run",
+                                 description="Reuse the threshold of this earlier run directory (local or s3://)."),
+        "score": Param("sieve", enum=["sieve", "clip", "fused"], section=section, title="Score",
+                       description="sieve: alt-text vs generated captions; clip: CLIP image-text; fused: "
+                                   "weighted sum of min-max normalised scores."),
+        "weights": Param(dict(DEFAULT_WEIGHTS), type="object", section=section, title="Fusion weights",
+                         properties={"sieve": {"type": "number", "minimum": 0, "maximum": 1},
+                                     "clip": {"type": "number", "minimum": 0, "maximum": 1}},
+                         required=["sieve", "clip"], additionalProperties=False,
+                         description="Used by score=fused; must sum to 1."),
+        "basic_filter": Param(False, type="boolean", section=section, title="DataComp basic filter",
+                              description="Also require DataComp's basic filter (English, length, size)."),
+    }
+
+
+def model_params(*, section: str = "Models") -> dict[str, Param]:
+    return {
+        "profile": Param("default", enum=["default", "test"], section=section, title="Profile",
+                         description="'test' swaps captioner and CLIP for tiny random offline models."),
+        "captioner": Param(DEFAULT_CAPTIONER, type="string", minLength=1, section=section, title="Captioner",
+                           description="BLIP: Hugging Face id, local directory or s3:// prefix."),
+        "text_encoder": Param(DEFAULT_TEXT_ENCODER, type="string", minLength=1, section=section,
+                              title="Text encoder", description="sentence-transformers reference."),
+        "clip": Param(DEFAULT_CLIP, type="string", minLength=1, section=section, title="CLIP",
+                      description="open_clip NAME:PRETRAINED, a local dir, an s3:// prefix, or 'none'."),
+        "num_captions": Param(8, type="integer", minimum=1, maximum=64, section=section,
+                              title="Captions per image"),
+        "caption_batch_size": Param(8, type="integer", minimum=1, maximum=1024, section=section,
+                                    title="Caption batch size", description="Images per captioning batch."),
+        "overwrite": Param(False, type="boolean", section=section, title="Overwrite",
+                           description="Recompute outputs that already exist (normally finished shards are skipped)."),
+    }
+
+
+def execution_params(*, section: str = "Execution") -> dict[str, Param]:
+    return {
+        "mode": Param("local", enum=["local", "kubernetes"], section=section, title="Execution mode",
+                      description="local: stages run on the Airflow worker; kubernetes: caption and embed run "
+                                  "as GPU pods (Variable sieve_kubernetes configures them)."),
+        "shards_per_task": Param(1, type="integer", minimum=1, section=section, title="Shards per task",
+                                 description="Shards per mapped task / pod; enlarged automatically when the pool "
+                                             "has more batches than core.max_map_length."),
+    }

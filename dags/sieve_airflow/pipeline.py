@@ -1,0 +1,195 @@
+"""The shared task graph: plan → per-batch caption → embed → score (local or pods) → aggregate → publish."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import quote
+
+from airflow.sdk import Asset, BaseOperator, BaseOperatorLink, get_current_context, task, task_group
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from sieve_airflow.kube import SievePodOperator
+from sieve_airflow.planning import (
+    batch_label,
+    batch_shards,
+    default_run_base,
+    join_uri,
+    sanitize_run_id,
+    settings_options,
+)
+
+log = logging.getLogger(__name__)
+
+#: Updated by every publish; the event's extra names the run, so downstream DAGs know which manifest.
+MANIFEST_ASSET = Asset(name="sieve-manifest", uri="sieve://manifest", group="sieve")
+LOCAL_GROUP = "local_batch"
+POD_GROUP = "pod_batch"
+RUN_BASE_VARIABLE = "sieve_run_base"
+NO_SHARDS = "no .tar shards found"
+
+
+def run_base() -> str:
+    from airflow.sdk import Variable
+
+    return default_run_base(Variable.get(RUN_BASE_VARIABLE, default=None))
+
+
+def default_run_uri(run_id: str) -> str:
+    return join_uri(run_base(), sanitize_run_id(run_id))
+
+
+def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty: bool = False) -> list[list[str]]:
+    """Validate the settings, register the pool in RUN/shards.json and cut it into batches (idempotent).
+
+    Returns the batches (what the per-batch group maps over) and pushes the plan (input, run, settings,
+    mode) as the XCom ``plan`` and the run URI as ``run``.
+    """
+    from airflow.sdk import conf
+
+    from sieve_tasks.pool import register_pool
+    from sieve_tasks.settings import Settings
+
+    if not input_spec or not input_spec.strip():
+        raise AirflowFailException("param 'input' is empty: give a shard directory, prefix, glob or list")
+    try:
+        settings = Settings(**settings_options(params))
+    except (TypeError, ValueError) as exc:  # a bad trigger form: retrying cannot help
+        raise AirflowFailException(f"invalid settings: {exc}") from exc
+    try:
+        shards = register_pool(input_spec, run)
+    except FileNotFoundError as exc:
+        if str(exc).startswith(NO_SHARDS):
+            if skip_if_empty:
+                raise AirflowSkipException(f"nothing to curate: {exc}") from exc
+            raise AirflowFailException(str(exc)) from exc
+        raise
+    except ValueError as exc:  # a run directory started on another pool, a bad shard name
+        raise AirflowFailException(str(exc)) from exc
+    max_map_length = conf.getint("core", "max_map_length", fallback=1024)
+    batches = batch_shards([s.shard_id for s in shards], int(params.get("shards_per_task") or 1), max_map_length)
+    if settings.profile == "test":
+        from sieve_tasks.stages.publish import TEST_PROFILE_WARNING
+
+        log.warning(TEST_PROFILE_WARNING)
+    log.info("run %s: %d shards in %d batches of up to %d", run, len(shards), len(batches), len(batches[0]))
+    plan = {"input": input_spec, "run": run, "settings": settings.to_dict(), "mode": params.get("mode", "local"),
+            "shards": len(shards), "batches": len(batches)}
+    ti = get_current_context()["ti"]
+    ti.xcom_push(key="plan", value=plan)  # what every later task needs
+    ti.xcom_push(key="run", value=run)  # what the summary plugin looks up
+    return batches
+
+
+@task.branch
+def choose_mode(plan: dict[str, Any]) -> str:
+    """local: every stage runs on the Airflow worker; kubernetes: caption and embed run as GPU pods."""
+    if plan["mode"] not in ("local", "kubernetes"):
+        raise AirflowFailException(f"unknown execution mode {plan['mode']!r}")
+    group = LOCAL_GROUP if plan["mode"] == "local" else POD_GROUP
+    return f"{group}.caption"
+
+
+@task(map_index_template="{{ shard_label }}")
+def run_stage(stage: str, batch: list[str], plan: dict[str, Any]) -> list[dict[str, Any]]:
+    """One per-shard stage over a batch, in this process; finished shards are skipped (completion markers)."""
+    from sieve_tasks.runner import run_shard_stage
+    from sieve_tasks.settings import Settings
+
+    get_current_context()["shard_label"] = batch_label(batch)
+    markers = run_shard_stage(stage, plan["input"], plan["run"], Settings(**plan["settings"]), batch)
+    for m in markers:
+        log.info("%s %s: %s ok, %s failed, %s", stage, m["shard"], m["ok"], m["failed"],
+                 "skipped (complete)" if m["skipped"] else f"{m['seconds']}s")
+    return [{k: m.get(k) for k in ("shard", "rows", "ok", "failed", "skipped", "seconds")} for m in markers]
+
+
+@task_group(group_id=LOCAL_GROUP)
+def local_batch(batch: list[str], plan: dict[str, Any]) -> None:
+    """caption → embed → score for one batch of shards, on the Airflow worker."""
+    caption = run_stage.override(task_id="caption")("caption", batch, plan)
+    embed = run_stage.override(task_id="embed")("embed", batch, plan)
+    score = run_stage.override(task_id="score")("score", batch, plan)
+    caption >> embed >> score
+
+
+@task_group(group_id=POD_GROUP)
+def pod_batch(batch: list[str], plan: dict[str, Any]) -> None:
+    """caption → embed as GPU pods (``sieve caption|embed ... --shards``), then score on the worker."""
+    caption = SievePodOperator(task_id="caption", stage="caption", shard_ids=batch, plan=plan)
+    embed = SievePodOperator(task_id="embed", stage="embed", shard_ids=batch, plan=plan)
+    score = run_stage.override(task_id="score")("score", batch, plan)
+    caption >> embed >> score
+
+
+@task
+def aggregate(plan: dict[str, Any]) -> dict[str, Any]:
+    """Thresholds over every score file (DuckDB); skipped when already computed with the same inputs."""
+    from sieve_tasks.settings import Settings
+    from sieve_tasks.stages.aggregate import aggregate as aggregate_run
+
+    result = aggregate_run(plan["run"], Settings(**plan["settings"]))
+    return {"counts": result["counts"], "threshold": result["selection"]["threshold"],
+            "rule": result["selection"]["rule"]}
+
+
+def summary_url(run: str) -> str:
+    """Where the plugin shows a run's summary (absolute when [api] base_url is set)."""
+    from airflow.sdk import conf
+
+    base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+    return f"{base}/sieve/run?uri={quote(run, safe='')}"
+
+
+class SieveSummaryLink(BaseOperatorLink):
+    """'SIEVE summary' button on the publish task: the plugin's page for this run."""
+
+    name = "SIEVE summary"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
+        plan = getattr(operator, "plan", None)
+        if not isinstance(plan, dict):
+            return ""
+        return summary_url(plan["run"])
+
+
+class SievePublishOperator(BaseOperator):
+    """Write RUN/manifest (subset.npy, kept.parquet, summary.json, _SUCCESS) and update the manifest asset."""
+
+    template_fields = ("plan",)
+    operator_extra_links = (SieveSummaryLink(),)
+    ui_color = "#f5e6c8"
+
+    def __init__(self, *, plan: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("outlets", [MANIFEST_ASSET])
+        super().__init__(**kwargs)
+        self.plan = plan
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from sieve_tasks.stages.publish import publish
+
+        summary = publish(self.plan["run"])
+        counts = summary["counts"]
+        self.log.info("kept %s of %s read (%s failed); manifest %s", counts["kept"], counts["read"],
+                      counts["failed"], summary["manifest"]["subset.npy"])
+        if summary.get("warning"):
+            self.log.warning(summary["warning"])
+        extra = {"run": self.plan["run"], "subset": summary["manifest"]["subset.npy"], "kept": counts["kept"],
+                 "profile": summary["profile"]}
+        for asset in self.outlets:
+            context["outlet_events"][asset].extra = extra
+        return {"run": self.plan["run"], "counts": counts, "manifest": summary["manifest"],
+                "summary_url": summary_url(self.plan["run"])}
+
+
+def build_pipeline(listing: Any) -> Any:
+    """Wire the per-batch group, aggregate and publish behind a planning task that ran ``plan_run``."""
+    plan = listing["plan"]  # the XCom with key "plan"
+    mode = choose_mode(plan)
+    local = local_batch.partial(plan=plan).expand(batch=listing)
+    pods = pod_batch.partial(plan=plan).expand(batch=listing)
+    thresholds = aggregate.override(trigger_rule="none_failed_min_one_success")(plan)
+    published = SievePublishOperator(task_id="publish", plan=plan)
+    mode >> [local, pods]
+    [local, pods] >> thresholds >> published
+    return published
