@@ -63,6 +63,12 @@ def hostile_pool(tmp_path_factory):
     truncated.sample("t_cut", "A rocket", photo_jpeg("rocket"))
     data = truncated.tar_bytes()
     (pool / "00000001.tar").write_bytes(data[: len(data) // 2 + 700])
+
+    duplicate = ShardBuilder()
+    duplicate.sample("k_good_1", "The same astronaut again", jpeg)  # same uid as in shard 0
+    duplicate.write(pool / "00000002.tar")
+    ShardBuilder().write(pool / "00000003.tar")  # a valid tar with no members
+    (pool / "00000004.tar").write_bytes(b"")  # not even a tar header
     return root, pool, good
 
 
@@ -85,12 +91,16 @@ def test_each_bad_input_is_recorded_with_its_reason(hostile_run):
     for key, reason in EXPECTED_REASONS.items():
         assert reasons.get(key) == reason, key
     assert reasons["t_cut"] == "truncated_tar"
+    by_shard = {(row["shard"], row["reason"]) for row in _rows(hostile_run)}
+    assert ("00000004", "truncated_tar") in by_shard
+    assert not any(shard == "00000003" for shard, _ in by_shard)
 
 
 def test_valid_samples_in_the_same_shards_are_scored(hostile_pool, hostile_run):
     _, _, good = hostile_pool
     scored = {row["uid"]: row for row in _rows(hostile_run) if row["status"] == "ok"}
     assert set(scored) == set(good)
+    assert sum(row["status"] == "ok" for row in _rows(hostile_run)) == len(good) + 1  # + the duplicate
     for row in scored.values():
         assert row["reason"] is None and row["sieve_score"] is not None and row["clip_score"] is not None
 
@@ -106,9 +116,10 @@ def test_counts_add_up_and_show_every_failure(hostile_run):
     summary = json.loads((hostile_run / "manifest" / "summary.json").read_text())
     counts = summary["counts"]
     assert counts["read"] == counts["scored"] + counts["failed"] == len(_rows(hostile_run))
-    assert counts["scored"] == 3
+    assert counts["scored"] == 4 and counts["duplicates"] == 1
     assert sum(summary["failed_by_reason"].values()) == counts["failed"]
     assert summary["failed_by_reason"]["unsafe_member_name"] == 2
+    assert summary["failed_by_reason"]["truncated_tar"] == 2
 
 
 def test_unsafe_members_are_never_written(hostile_pool, hostile_run):
