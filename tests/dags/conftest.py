@@ -32,7 +32,7 @@ def dagbag(airflow_db):
 
 
 @pytest.fixture(scope="session")
-def sample_pool(tmp_path_factory) -> str:
+def demo_pool(tmp_path_factory) -> str:
     """The demo pool: 2 shards, 17 samples, one undecodable JPEG."""
     from sieve_tasks.sample_pool import make_sample_pool
 

@@ -1,0 +1,86 @@
+"""Daily SIEVE refilter: each day's new crawl shards, filtered with the thresholds of a reference run."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from airflow.sdk import Param, Variable, dag, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from sieve_airflow.params import execution_params, model_params, selection_params
+from sieve_airflow.pipeline import build_pipeline, plan_run, run_base
+from sieve_airflow.planning import join_uri
+
+CRAWL_BASE_VARIABLE = "sieve_crawl_base"
+REFERENCE_VARIABLE = "sieve_reference_run"
+
+DOC = """
+### SIEVE daily refilter
+
+Every day, curates the shards that landed under `{base}/crawl/{ds}/` (param *input_template*; `base` is the
+param *crawl_base*, else the Variable `sieve_crawl_base`, else env `SIEVE_CRAWL_BASE`) into
+`<sieve_run_base>/refilter/{ds}`.
+
+By default it keeps what a **reference run** would keep: its threshold is reused (`thresholds_from`, from the
+param or the Variable `sieve_reference_run`), so daily subsets are comparable. Give *fraction* or *threshold*
+instead to select within the day.
+
+A day without shards ends with **list_shards skipped** (and everything after it), not failed. Backfill
+with `airflow backfill create --dag-id sieve_refilter --from-date ... --to-date ...`; reruns of a day reuse its
+directory and skip finished shards. The published manifest updates the `sieve-manifest` asset.
+"""
+
+
+@dag(
+    dag_id="sieve_refilter",
+    schedule="@daily",
+    start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
+    catchup=False,
+    max_active_runs=2,
+    tags=["sieve", "refilter", "datacomp"],
+    doc_md=DOC,
+    default_args={"owner": "data-curation", "retries": 2, "retry_delay": timedelta(minutes=5),
+                  "retry_exponential_backoff": True},
+    params={
+        "crawl_base": Param(None, type=["null", "string"], section="Data", title="Crawl base",
+                            description="Root of the daily crawl drops (local or s3://); empty: the Variable "
+                                        "sieve_crawl_base."),
+        "input_template": Param("{base}/crawl/{ds}/", type="string", minLength=1, section="Data",
+                                title="Input template",
+                                description="Python format string; fields: base, ds, ds_nodash, "
+                                            "data_interval_start, data_interval_end."),
+        **selection_params(),
+        **model_params(),
+        **execution_params(),
+    },
+)
+def sieve_refilter() -> None:
+    @task
+    def list_shards(params: dict[str, Any], ds: str, ds_nodash: str, data_interval_start: Any = None,
+                    data_interval_end: Any = None) -> list[list[str]]:
+        base = params.get("crawl_base") or Variable.get(CRAWL_BASE_VARIABLE, default=None) \
+            or os.environ.get("SIEVE_CRAWL_BASE")
+        if not base:
+            raise AirflowFailException(f"no crawl base: set the param crawl_base or the Variable {CRAWL_BASE_VARIABLE}")
+        try:
+            input_spec = params["input_template"].format(
+                base=base.rstrip("/"), ds=ds, ds_nodash=ds_nodash,
+                data_interval_start=data_interval_start.isoformat() if data_interval_start else ds,
+                data_interval_end=data_interval_end.isoformat() if data_interval_end else ds)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise AirflowFailException(f"bad input_template {params['input_template']!r}: {exc!r}") from exc
+        resolved = dict(params)
+        if all(resolved.get(k) is None for k in ("fraction", "threshold", "thresholds_from")):
+            reference = Variable.get(REFERENCE_VARIABLE, default=None)
+            if not reference:
+                raise AirflowFailException(f"no selection rule: set the Variable {REFERENCE_VARIABLE} (a reference "
+                                           "run) or give thresholds_from, fraction or threshold")
+            resolved["thresholds_from"] = reference
+        return plan_run(resolved, input_spec, join_uri(run_base(), "refilter", ds), skip_if_empty=True)
+
+    build_pipeline(list_shards())
+
+
+sieve_refilter()

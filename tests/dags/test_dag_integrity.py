@@ -1,0 +1,187 @@
+"""The DAG files import cleanly in a fresh Airflow home and follow the house rules."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+
+from tests.dags.airflow_env import DAGS
+
+EXPECTED_DAGS = {"sieve_curation", "sieve_refilter"}
+
+
+def test_dagbag_imports_without_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert EXPECTED_DAGS <= set(dagbag.dags)
+    # .airflowignore keeps the helper package out of DAG discovery
+    assert not any("sieve_airflow" in str(path) for path in dagbag.file_last_changed)
+
+
+@pytest.mark.parametrize("dag_id", sorted(EXPECTED_DAGS))
+def test_dag_conventions(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    assert dag.tags, f"{dag_id} has no tags"
+    assert dag.doc_md and len(dag.doc_md) > 200, f"{dag_id} has no real doc_md"
+    assert dag.default_args.get("retries", 0) >= 2
+    for task in dag.tasks:
+        assert task.retries >= 2, f"{dag_id}.{task.task_id} retries={task.retries}"
+
+
+def test_dag_files_do_not_import_torch_or_the_library():
+    """Parsing must stay cheap: sieve_tasks (and torch) are imported inside tasks only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runpy; sys.path.append(%r);"
+        "from airflow.dag_processing.dagbag import BundleDagBag;"
+        "from pathlib import Path;"
+        "b = BundleDagBag(dag_folder=%r, bundle_path=Path(%r), bundle_name='dags-folder');"
+        "assert not b.import_errors, b.import_errors;"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'sieve_tasks')))"
+    ) % (str(DAGS), str(DAGS), str(DAGS))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_curation_graph(dagbag):
+    dag = dagbag.dags["sieve_curation"]
+    ids = set(dag.task_ids)
+    assert {"list_shards", "choose_mode", "local_batch.caption", "local_batch.embed", "local_batch.score",
+            "pod_batch.caption", "pod_batch.embed", "pod_batch.score", "aggregate", "publish"} <= ids
+    assert dag.get_task("pod_batch.caption").pool == "gpu"
+    assert dag.get_task("pod_batch.embed").pool == "gpu"
+    assert dag.get_task("local_batch.caption").map_index_template == "{{ shard_label }}"
+    assert dag.get_task("pod_batch.caption").map_index_template == "{{ shard_label }}"
+    assert dag.get_task("aggregate").trigger_rule == "none_failed_min_one_success"
+    publish = dag.get_task("publish")
+    assert [a.name for a in publish.outlets] == ["sieve-manifest"]
+    assert [link.name for link in publish.operator_extra_links] == ["SIEVE summary"]
+    from airflow.sdk.definitions.taskgroup import MappedTaskGroup
+
+    for group in ("local_batch", "pod_batch"):  # one instance per batch of shards
+        assert isinstance(dag.task_group_dict[group], MappedTaskGroup)
+
+
+def test_param_defaults_match_the_library(dagbag):
+    from sieve_tasks import models
+    from sieve_tasks.settings import Settings
+
+    defaults = Settings()
+    params = dagbag.dags["sieve_curation"].params
+    assert params["captioner"] == models.DEFAULT_CAPTIONER == defaults.captioner
+    assert params["text_encoder"] == models.DEFAULT_TEXT_ENCODER == defaults.text_encoder
+    assert params["clip"] == models.DEFAULT_CLIP == defaults.clip
+    assert params["num_captions"] == defaults.num_captions
+    assert params["caption_batch_size"] == defaults.caption_batch_size
+    assert params["score"] == defaults.score
+    assert params["weights"] == defaults.weights
+    assert params["basic_filter"] == defaults.basic_filter
+    assert params["profile"] == defaults.profile
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    from sieve_airflow.planning import SETTINGS_PARAMS, STAGE_FLAGS
+
+    assert set(SETTINGS_PARAMS.values()) <= fields
+    assert set(STAGE_FLAGS) <= fields
+
+
+@pytest.mark.parametrize("bad", [
+    {"input": ""},
+    {"score": "median"},
+    {"fraction": 0},
+    {"fraction": 1.5},
+    {"profile": "fast"},
+    {"mode": "slurm"},
+    {"shards_per_task": 0},
+    {"num_captions": 0},
+    {"weights": {"sieve": 0.5}},
+    {"weights": {"sieve": 0.5, "clip": 0.5, "other": 0.0}},
+    {"basic_filter": "yes"},
+])
+def test_trigger_form_rejects_bad_values(dagbag, bad):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    params = copy.deepcopy(dagbag.dags["sieve_curation"].params)
+    with pytest.raises(ParamValidationError):
+        params.update({"input": "/data/pool", **bad})
+        params.validate()
+
+
+def test_trigger_form_accepts_a_good_conf(dagbag):
+    params = copy.deepcopy(dagbag.dags["sieve_curation"].params)
+    params.update({"input": "s3://bucket/pool/{00000000..00000127}.tar", "run": "s3://bucket/runs/a",
+                   "fraction": 0.3, "score": "fused", "weights": {"sieve": 0.7, "clip": 0.3}, "mode": "kubernetes",
+                   "shards_per_task": 4, "profile": "test"})
+    resolved = params.validate()
+    assert resolved["shards_per_task"] == 4
+
+
+def test_input_is_required(dagbag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        copy.deepcopy(dagbag.dags["sieve_curation"].params).validate()
+
+
+def test_batches_respect_max_map_length():
+    from sieve_airflow.planning import batch_label, batch_shards
+
+    ids = [f"{i:08d}" for i in range(10)]
+    assert batch_shards(ids, 1, 1024) == [[i] for i in ids]
+    assert batch_shards(ids, 3, 1024) == [ids[0:3], ids[3:6], ids[6:9], ids[9:]]
+    enlarged = batch_shards(ids, 1, 4)  # 10 shards, at most 4 mapped instances → 3 per batch
+    assert len(enlarged) == 4 and max(map(len, enlarged)) == math.ceil(10 / 4)
+    assert sum(enlarged, []) == ids
+    big = [f"{i:08d}" for i in range(5000)]
+    batches = batch_shards(big, 2, 1024)
+    assert len(batches) <= 1024 and sum(batches, []) == big
+    assert batch_label(["00000000"]) == "00000000"
+    assert batch_label(ids[:3]) == "00000000..00000002 (3 shards)"
+    with pytest.raises(ValueError):
+        batch_shards(ids, 0, 10)
+
+
+def test_run_ids_become_safe_directory_names():
+    from sieve_airflow.planning import default_run_base, sanitize_run_id
+
+    assert sanitize_run_id("manual__2026-01-01T00:00:00+00:00") == "manual__2026-01-01T00_00_00_00_00"
+    assert "/" not in sanitize_run_id("../../etc/passwd")
+    assert not sanitize_run_id("../../etc/passwd").startswith(".")
+    assert default_run_base("s3://bucket/runs/") == "s3://bucket/runs"
+
+
+@pytest.mark.parametrize("options", [
+    {"profile": "test"},
+    {},
+    {"captioner": "s3://models/blip", "clip": "none", "num_captions": 3, "caption_batch_size": 32,
+     "text_encoder": "all-MiniLM-L6-v2", "overwrite": True},
+])
+def test_pod_arguments_carry_the_stage_settings(options):
+    """What a pod parses with the real ``sieve`` CLI equals the settings the DAG resolved."""
+    from sieve_airflow.kube import check_cli_roundtrip
+    from sieve_airflow.planning import stage_arguments
+    from sieve_tasks.cli import build_parser, settings_from_args
+    from sieve_tasks.settings import Settings
+
+    settings = Settings(**options).to_dict()
+    for stage in ("caption", "embed"):
+        args = stage_arguments(stage, "s3://b/pool/", "s3://b/run", ["00000003", "00000004"], settings)
+        assert args[:5] == [stage, "s3://b/pool/", "s3://b/run", "--shards", "00000003,00000004"]
+        check_cli_roundtrip(args, settings)
+        parsed = build_parser().parse_args(args)
+        assert parsed.shards == ["00000003", "00000004"]
+        assert settings_from_args(parsed).overwrite == settings["overwrite"]
+
+
+def test_settings_the_cli_cannot_carry_are_refused():
+    from sieve_airflow.kube import check_cli_roundtrip
+    from sieve_airflow.planning import stage_arguments
+    from sieve_tasks.settings import Settings
+
+    settings = Settings(top_p=0.5).to_dict()
+    args = stage_arguments("caption", "in", "run", ["a"], settings)
+    with pytest.raises(ValueError, match="top_p"):
+        check_cli_roundtrip(args, settings)
