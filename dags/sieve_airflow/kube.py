@@ -71,6 +71,7 @@ class SievePodOperator(KubernetesPodOperator):
 
     def __init__(self, *, stage: str, shard_ids: Any, plan: Any, **kwargs: Any) -> None:
         kwargs.setdefault("name", f"sieve-{stage}")
+        kwargs.setdefault("cmds", ["sieve"])  # the worker image's console script (also its ENTRYPOINT)
         kwargs.setdefault("pool", GPU_POOL)
         kwargs.setdefault("on_finish_action", "delete_succeeded_pod")
         kwargs.setdefault("map_index_template", "{{ shard_label }}")
