@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from sieve_tasks import models
+from sieve_tasks import lease, models
 from sieve_tasks.settings import METADATA_CLIP_COLUMNS, PROFILES, SCORES, Settings, parse_weights
 
 
@@ -40,6 +40,15 @@ def _model_options() -> argparse.ArgumentParser:
     return p
 
 
+def _lease_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("run lease")
+    g.add_argument("--lease-owner", help="who writes the run (default: user@host:pid; Airflow passes its run id)")
+    g.add_argument("--lease-ttl", type=float, default=lease.DEFAULT_TTL_SECONDS,
+                   help="seconds a lease stays alive without renewal")
+    return p
+
+
 def _selection_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("selection")
@@ -63,24 +72,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sieve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    model_opts, selection_opts = _model_options(), _selection_options()
+    model_opts, selection_opts, lease_opts = _model_options(), _selection_options(), _lease_options()
     io_help = "INPUT: shard directory/prefix, glob or brace list (local or s3://); RUN: run directory"
 
-    run = sub.add_parser("run", parents=[model_opts, selection_opts], help="all stages in one process")
+    run = sub.add_parser("run", parents=[model_opts, selection_opts, lease_opts], help="all stages in one process")
     run.add_argument("input")
     run.add_argument("run")
     run.add_argument("--no-progress", action="store_true")
     for name, help_text in (("caption", "write captions per shard"), ("embed", "sentence and CLIP embeddings"),
                             ("score", "per-sample scores and basic-filter features")):
-        stage = sub.add_parser(name, parents=[model_opts], help=help_text, description=io_help)
+        stage = sub.add_parser(name, parents=[model_opts, lease_opts], help=help_text, description=io_help)
         stage.add_argument("input")
         stage.add_argument("run")
         stage.add_argument("--shards", type=lambda s: [x for x in s.split(",") if x],
                            help="comma-separated shard ids (default: all)")
-    agg = sub.add_parser("aggregate", parents=[selection_opts], help="DuckDB thresholds over all scores")
+    agg = sub.add_parser("aggregate", parents=[selection_opts, lease_opts], help="DuckDB thresholds over all scores")
     agg.add_argument("run")
     agg.add_argument("--overwrite", action="store_true")
-    pub = sub.add_parser("publish", help="write RUN/manifest (subset.npy, kept.parquet, summary.json)")
+    pub = sub.add_parser("publish", parents=[lease_opts], help="write RUN/manifest (subset.npy, kept.parquet, summary.json)")
     pub.add_argument("run")
     sample = sub.add_parser("make-sample", help="write a small demo pool of real photos")
     sample.add_argument("out")
@@ -94,21 +103,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _dispatch(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
         print(f"sieve {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from sieve_tasks import runner
     from sieve_tasks.sample_pool import make_sample_pool
-    from sieve_tasks.stages.aggregate import aggregate
-    from sieve_tasks.stages.publish import TEST_PROFILE_WARNING, publish
 
     if args.command == "make-sample":
         for uri in make_sample_pool(args.out, args.shards):
             print(uri)
         return 0
+    with lease.hold(args.run, args.lease_owner, args.lease_ttl):
+        return _dispatch_run_command(args)
+
+
+def _dispatch_run_command(args: argparse.Namespace) -> int:
+    from sieve_tasks import runner
+    from sieve_tasks.stages.aggregate import aggregate
+    from sieve_tasks.stages.publish import TEST_PROFILE_WARNING, publish
+
     if args.command == "publish":
         _report(publish(args.run))
         return 0

@@ -1,0 +1,70 @@
+"""The BLIP captioner: official decoding settings, reproducibility, and out-of-memory batch splitting."""
+
+import pytest
+import torch
+
+from sieve_tasks.captioner import BlipCaptioner, clip_style_transform
+from sieve_tasks.models import Device
+from sieve_tasks.settings import Settings
+from sieve_tasks.test_models import TINY_BLIP
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    return BlipCaptioner(TINY_BLIP, Device.choose("cpu"), Settings(profile="test"))
+
+
+def test_eight_captions_per_image_reproducible_for_a_seed(captioner):
+    pixels = torch.randn(3, 3, 224, 224)
+    first = captioner.caption(pixels, seed=11)
+    assert len(first) == 3 and all(len(c) == 8 for c in first)
+    assert captioner.caption(pixels, seed=11) == first
+    assert captioner.caption(pixels, seed=12) != first
+
+
+def test_decoding_uses_the_official_settings(captioner, monkeypatch):
+    seen = {}
+    original = captioner.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(captioner.model, "generate", spy)
+    captioner.caption(torch.randn(1, 3, 224, 224), seed=0)
+    assert seen["do_sample"] and seen["top_p"] == 0.9 and seen["num_return_sequences"] == 8
+    assert (seen["min_length"], seen["max_length"], seen["repetition_penalty"]) == (5, 20, 1.1)
+    assert seen["interpolate_pos_encoding"] is True  # the checkpoint is trained at 384 px, fed at 224
+    assert captioner.tokenizer.decode(seen["input_ids"][0], skip_special_tokens=True) == "a picture of"
+
+
+def test_out_of_memory_batch_is_split_and_recorded(captioner, monkeypatch):
+    original = captioner._generate
+
+    def fragile(pixels, seed):
+        if pixels.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(pixels, seed)
+
+    monkeypatch.setattr(captioner, "_generate", fragile)
+    captions = captioner.caption(torch.randn(8, 3, 224, 224), seed=3)
+    assert len(captions) == 8 and all(len(c) == 8 for c in captions)
+    assert captioner.oom_splits == 3  # 8 → 4+4 → 2+2 and 2+2
+
+
+def test_other_errors_are_not_swallowed(captioner, monkeypatch):
+    monkeypatch.setattr(captioner, "_generate", lambda p, s: (_ for _ in ()).throw(ValueError("bad input")))
+    with pytest.raises(ValueError, match="bad input"):
+        captioner.caption(torch.randn(4, 3, 224, 224), seed=0)
+
+
+def test_prompt_is_stripped(captioner):
+    assert captioner.strip_prompt("a picture of a dog on a beach") == "a dog on a beach"
+    assert captioner.strip_prompt("a dog") == "a dog"
+
+
+def test_clip_style_preprocessing_shape():
+    from PIL import Image
+
+    tensor = clip_style_transform(224)(Image.new("RGB", (640, 427), (255, 0, 0)))
+    assert tuple(tensor.shape) == (3, 224, 224)

@@ -1,0 +1,53 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sieve_tasks import lease
+from sieve_tasks.cli import main
+
+
+def test_second_writer_is_refused_with_owner_and_expiry(tmp_path, sample_pool, capsys):
+    run = str(tmp_path / "run")
+    lease.acquire(run, "team-a@host-1:42", ttl=300)
+    assert main(["caption", sample_pool, run, "--profile", "test", "--lease-owner", "team-b"]) == 2
+    err = capsys.readouterr().err
+    assert "being written by 'team-a@host-1:42'" in err and "expires in" in err
+    assert not (tmp_path / "run" / "captions").exists()
+
+
+def test_same_owner_reenters_and_release_removes_the_lease(tmp_path):
+    run = str(tmp_path / "run")
+    assert lease.acquire(run, "airflow:run-1") is True
+    assert lease.acquire(run, "airflow:run-1") is False  # another task of the same Airflow run
+    lease.release(run, "airflow:run-1")
+    assert not (tmp_path / "run" / "_lease.json").exists()
+
+
+def test_expired_lease_can_be_taken_over_to_resume(tmp_path):
+    run = str(tmp_path / "run")
+    lease.acquire(run, "crashed-pod", ttl=0.2)
+    with pytest.raises(lease.LeaseHeld):
+        lease.acquire(run, "resumer")
+    time.sleep(0.3)
+    assert lease.acquire(run, "resumer") is True
+
+
+def test_dead_process_on_this_host_does_not_block_a_resume(tmp_path):
+    import socket
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = str(tmp_path / "run")
+    lease.acquire(run, f"me@{socket.gethostname()}:{dead.pid}", ttl=300)
+    assert lease.acquire(run, "me-again") is True
+
+
+def test_hold_renews_and_releases(tmp_path):
+    run = str(tmp_path / "run")
+    with lease.hold(run, "holder", ttl=0.4):
+        time.sleep(0.6)  # longer than the ttl: only renewals keep it alive
+        with pytest.raises(lease.LeaseHeld):
+            lease.acquire(run, "intruder", ttl=0.4)
+    assert not (tmp_path / "run" / "_lease.json").exists()
