@@ -88,7 +88,7 @@ def read_samples(shard: Shard) -> Iterator[Sample]:
     position = 0
     group_key: str | None = None
     parts: dict[str, bytes] = {}
-    with storage.open_file(shard.tar_uri) as raw:
+    with storage.open_file(shard.tar_uri) as raw, storage.naming("reading", shard.tar_uri, (OSError,)):
         try:
             with tarfile.open(fileobj=raw, mode="r|*") as tar:
                 for member in tar:
@@ -109,7 +109,7 @@ def read_samples(shard: Shard) -> Iterator[Sample]:
                         group_key, parts = key, {}
                     extracted = tar.extractfile(member)
                     parts[ext] = extracted.read() if extracted is not None else b""
-        except (tarfile.TarError, EOFError, OSError) as exc:
+        except (tarfile.TarError, EOFError) as exc:  # I/O errors are not the shard's fault: they propagate
             truncated = Sample(shard.shard_id, position, group_key or f"<after position {position}>")
             truncated.reason = "truncated_tar"
             truncated.meta["error"] = f"{type(exc).__name__}: {exc}"

@@ -7,17 +7,44 @@ never sees a partial object), which is what lets completion markers make reruns 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import posixpath
 import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.spec import AbstractFileSystem
+
+
+# Transient object-store faults (5xx, SlowDown/throttling, connection resets, timeouts) are retried with
+# exponential backoff by botocore (standard mode: 6 attempts) and around that by s3fs (5 tries of its own
+# for connection errors, timeouts and SlowDown), within a bounded budget. Set
+# fsspec.config.conf["s3"] (or FSSPEC_S3_* variables) to change it.
+S3_DEFAULTS = {
+    "config_kwargs": {"retries": {"max_attempts": 6, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60},
+}
+fsspec.config.conf.setdefault("s3", copy.deepcopy(S3_DEFAULTS))  # botocore edits the dict it is given
+
+
+class StorageError(OSError):
+    """An object could not be read or written (after retries); the message names the object and the cause."""
+
+
+@contextmanager
+def naming(action: str, uri: str, errors: tuple[type[BaseException], ...] = (Exception,)) -> Iterator[None]:
+    """Re-raise ``errors`` as a :class:`StorageError` that names the object and the cause."""
+    try:
+        yield
+    except (StorageError, FileNotFoundError):
+        raise
+    except errors as exc:
+        raise StorageError(f"{action} {uri} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
@@ -40,13 +67,15 @@ def basename(uri: str) -> str:
 
 
 def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
+    with naming("checking", uri):
+        fs, path = filesystem(uri)
+        return fs.exists(path)
 
 
 def read_bytes(uri: str) -> bytes:
-    fs, path = filesystem(uri)
-    return fs.cat_file(path)
+    with naming("reading", uri):
+        fs, path = filesystem(uri)
+        return fs.cat_file(path)
 
 
 def read_json(uri: str) -> Any:
@@ -71,8 +100,9 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
                 os.unlink(tmp)
             raise
         return
-    fs, path = filesystem(uri)
-    fs.pipe_file(path, data)  # one PUT (or a completed multipart upload): never a partial object
+    with naming("writing", uri):
+        fs, path = filesystem(uri)
+        fs.pipe_file(path, data)  # one PUT (or a completed multipart upload): never a partial object
 
 
 def write_json_atomic(uri: str, payload: Any) -> None:
@@ -109,8 +139,9 @@ class LocalStaging:
                 if is_local(self.uri):
                     os.replace(self.path, self.uri.removeprefix("file://"))
                 else:
-                    fs, path = filesystem(self.uri)
-                    fs.put_file(self.path, path)
+                    with naming("uploading", self.uri):
+                        fs, path = filesystem(self.uri)
+                        fs.put_file(self.path, path)
         finally:
             if os.path.exists(self.path):
                 os.unlink(self.path)
@@ -118,11 +149,12 @@ class LocalStaging:
 
 def list_files(pattern_or_dir: str, suffix: str) -> list[str]:
     """Files ending in ``suffix`` under a directory/prefix, or matching a glob, as full URIs, sorted."""
-    fs, path = filesystem(pattern_or_dir)
-    if fs.isdir(path):
-        found = [p for p in fs.find(path, maxdepth=1) if p.endswith(suffix)]
-    else:
-        found = [p for p in fs.glob(path) if p.endswith(suffix)]
+    with naming("listing", pattern_or_dir):
+        fs, path = filesystem(pattern_or_dir)
+        if fs.isdir(path):
+            found = [p for p in fs.find(path, maxdepth=1) if p.endswith(suffix)]
+        else:
+            found = [p for p in fs.glob(path) if p.endswith(suffix)]
     return sorted(_full_uri(fs, pattern_or_dir, p) for p in found)
 
 
@@ -159,14 +191,16 @@ def iter_inputs(spec: str) -> Iterable[str]:
 
 
 def open_file(uri: str, mode: str = "rb"):
-    return fsspec.open(uri, mode).open()
+    with naming("opening", uri):
+        return fsspec.open(uri, mode).open()
 
 
 def read_parquet(uri: str, columns: list[str] | None = None):
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(uri)
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    with naming("reading", uri):
+        fs, path = filesystem(uri)
+        return pq.read_table(path, filesystem=fs, columns=columns)
 
 
 def write_parquet_atomic(uri: str, table, metadata: dict[str, str] | None = None) -> None:

@@ -1,0 +1,30 @@
+"""Static guarantees: no unpickling of untrusted files, no user value spliced into SQL text."""
+
+import pathlib
+import re
+
+SOURCE = pathlib.Path(__file__).resolve().parents[2] / "sieve_tasks"
+
+
+def _sources():
+    return {p: p.read_text() for p in SOURCE.rglob("*.py")}
+
+
+def test_no_pickle_and_torch_load_only_with_weights_only():
+    for path, text in _sources().items():
+        assert not re.search(r"^\s*import pickle|pickle\.loads?\(", text, re.M), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+
+
+def test_open_clip_checkpoints_load_with_weights_only():
+    text = (SOURCE / "encoders.py").read_text()
+    assert "weights_only=True" in text
+
+
+def test_sql_takes_user_values_only_as_parameters():
+    """f-strings that build SQL may only splice the fixed score-column expressions, never paths or params."""
+    for path in (SOURCE / "stages" / "aggregate.py", SOURCE / "stages" / "publish.py"):
+        for fragment in re.findall(r'f"""(.*?)"""|f"(SELECT[^"]*)"', path.read_text(), re.S):
+            spliced = re.findall(r"\{([^}]*)\}", "".join(fragment))
+            assert set(spliced) <= {"expression", "where", "column", "', '.join(KEPT_COLUMNS)", "query"}, (path, spliced)
