@@ -1,0 +1,155 @@
+"""Live Airflow: api-server + scheduler + dag-processor on 127.0.0.1 (SQLite, LocalExecutor). Trigger
+sieve_curation through the REST API, wait for it, then read the plugin's pages over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from tests.dags.airflow_env import DAGS, PLUGINS, VENV_BIN
+
+pytestmark = pytest.mark.slow
+PASSWORD = "sieve-test-password"
+RUN_TIMEOUT_S = 420
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def live_airflow(tmp_path_factory):
+    """A fresh AIRFLOW_HOME and DB of its own; every process it starts is stopped afterwards."""
+    import httpx
+
+    home = tmp_path_factory.mktemp("live-airflow")
+    port = free_port()
+    (home / "passwords.json").write_text(json.dumps({"admin": PASSWORD}))
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API_AUTH__JWT_SECRET": "sieve-live-test-secret-0123456789abcdef",
+        "AIRFLOW__API__SECRET_KEY": "sieve-live-test-key",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "SIEVE_RUN_BASE": str(home / "sieve-runs"),
+        "SIEVE_TEST_AIRFLOW_HOME": str(home),
+    }
+    airflow = str(VENV_BIN / "airflow")
+    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
+    processes: list[tuple[subprocess.Popen, Path]] = []
+    try:
+        for command in (["api-server", "--port", str(port), "--host", "127.0.0.1"], ["scheduler"],
+                        ["dag-processor"]):
+            log = home / f"{command[0]}.log"
+            handle = open(log, "w")
+            processes.append((subprocess.Popen([airflow, *command], env=env, stdout=handle,
+                                               stderr=subprocess.STDOUT, start_new_session=True), log))
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{base}/api/v2/monitor/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            dead = [p.args for p, _ in processes if p.poll() is not None]
+            if dead or time.monotonic() > deadline:
+                pytest.fail(f"Airflow did not come up (exited: {dead}):\n" + tail_logs(processes))
+            time.sleep(1)
+        token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": PASSWORD},
+                           timeout=10).json()["access_token"]
+        yield {"base": base, "token": token, "home": home, "logs": lambda: tail_logs(processes)}
+    finally:
+        for process, _ in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process, _ in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def tail_logs(processes) -> str:
+    return "\n".join(f"--- {log.name}\n" + "".join(log.read_text(errors="replace").splitlines(True)[-40:])
+                     for _, log in processes)
+
+
+def test_trigger_by_rest_api_and_read_the_summary_over_http(live_airflow, demo_pool):
+    import httpx
+
+    base, logs = live_airflow["base"], live_airflow["logs"]
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {live_airflow['token']}"}, timeout=30)
+
+    deadline = time.monotonic() + 120  # the dag-processor has to parse dags/ first
+    while api.get("/api/v2/dags/sieve_curation").status_code != 200:
+        assert time.monotonic() < deadline, "sieve_curation never appeared:\n" + logs()
+        time.sleep(2)
+    plugins = api.get("/api/v2/plugins").json()["plugins"]
+    ours = [p for p in plugins if p["name"] == "sieve_summary"]
+    assert ours and {v["destination"] for v in ours[0]["external_views"]} == {"nav", "dag_run"}
+
+    # the trigger form's validation also guards the REST API
+    bad = api.post("/api/v2/dags/sieve_curation/dagRuns", json={"logical_date": None, "conf": {"score": "median"}})
+    assert bad.status_code == 400, bad.text
+
+    run_dir = live_airflow["home"] / "runs" / "live"
+    created = api.post("/api/v2/dags/sieve_curation/dagRuns", json={
+        "logical_date": None, "conf": {"input": demo_pool, "run": str(run_dir), "profile": "test"}})
+    assert created.status_code == 200, created.text
+    run_id = created.json()["dag_run_id"]
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while (state := api.get(f"/api/v2/dags/sieve_curation/dagRuns/{quote(run_id, safe='')}").json()["state"]) \
+            not in ("success", "failed"):
+        assert time.monotonic() < deadline, f"run still {state}:\n" + logs()
+        time.sleep(3)
+    tis = api.get(f"/api/v2/dags/sieve_curation/dagRuns/{quote(run_id, safe='')}/taskInstances").json()
+    assert state == "success", json.dumps([(t["task_id"], t["map_index"], t["state"]) for t in
+                                           tis["task_instances"]]) + "\n" + logs()
+    named = {(t["task_id"], t["rendered_map_index"]) for t in tis["task_instances"]
+             if t["task_id"] == "local_batch.caption"}
+    assert named == {("local_batch.caption", "00000000"), ("local_batch.caption", "00000001")}
+    assert (run_dir / "manifest" / "subset.npy").exists()
+
+    # the publish task's extra link points at the plugin page, which serves the summary
+    links = api.get(f"/api/v2/dags/sieve_curation/dagRuns/{quote(run_id, safe='')}/taskInstances/publish/links")
+    assert links.status_code == 200, links.text
+    link = links.json()["extra_links"]["SIEVE summary"]
+    assert link == f"{base}/sieve/run?uri={quote(str(run_dir), safe='')}"
+    page = api.get(link)
+    assert page.status_code == 200 and "<th>kept</th><td class='n'>4</td>" in page.text
+
+    # the DAG-run tab and the index, over HTTP, with the UI's cookie instead of a bearer token
+    cookie_client = httpx.Client(base_url=base, cookies={"_token": live_airflow["token"]}, timeout=30)
+    tab = cookie_client.get(f"/sieve/dag-runs/sieve_curation/{quote(run_id, safe='')}")
+    assert tab.status_code == 200 and str(run_dir) in tab.text
+    summary = api.get("/sieve/api/run", params={"uri": str(run_dir)}).json()["summary"]
+    assert summary == json.loads((run_dir / "manifest" / "summary.json").read_text())
+    assert httpx.get(f"{base}/sieve/api/run", params={"uri": str(run_dir)}).status_code == 401
