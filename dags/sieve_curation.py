@@ -39,7 +39,7 @@ else `$AIRFLOW_HOME/sieve-runs`). The *SIEVE summary* link on **publish** opens 
     tags=["sieve", "curation", "datacomp"],
     doc_md=DOC,
     default_args={"owner": "data-curation", "retries": 2, "retry_delay": timedelta(minutes=2),
-                  "retry_exponential_backoff": True},
+                  "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(minutes=30)},
     params={
         "input": Param(type="string", minLength=1, title="Input shards", section="Data",
                        description="Shard directory/prefix, glob or brace list, local or s3:// "

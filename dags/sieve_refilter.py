@@ -42,7 +42,7 @@ directory and skip finished shards. The published manifest updates the `sieve-ma
     tags=["sieve", "refilter", "datacomp"],
     doc_md=DOC,
     default_args={"owner": "data-curation", "retries": 2, "retry_delay": timedelta(minutes=5),
-                  "retry_exponential_backoff": True},
+                  "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(minutes=30)},
     params={
         "crawl_base": Param(None, type=["null", "string"], section="Data", title="Crawl base",
                             description="Root of the daily crawl drops (local or s3://); empty: the Variable "

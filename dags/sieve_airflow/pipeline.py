@@ -68,12 +68,16 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
         raise AirflowFailException(str(exc)) from exc
     max_map_length = conf.getint("core", "max_map_length", fallback=1024)
     batches = batch_shards([s.shard_id for s in shards], int(params.get("shards_per_task") or 1), max_map_length)
+    mode = params.get("mode", "local")
+    if mode == "kubernetes" and any("://" not in uri or uri.startswith("file://") for uri in (input_spec, run)):
+        log.warning("kubernetes mode with a local input or run directory (%s, %s): pods only see it if the "
+                    "same path is mounted in them; prefer s3:// for both", input_spec, run)
     if settings.profile == "test":
         from sieve_tasks.stages.publish import TEST_PROFILE_WARNING
 
         log.warning(TEST_PROFILE_WARNING)
     log.info("run %s: %d shards in %d batches of up to %d", run, len(shards), len(batches), len(batches[0]))
-    plan = {"input": input_spec, "run": run, "settings": settings.to_dict(), "mode": params.get("mode", "local"),
+    plan = {"input": input_spec, "run": run, "settings": settings.to_dict(), "mode": mode,
             "shards": len(shards), "batches": len(batches)}
     ti = get_current_context()["ti"]
     ti.xcom_push(key="plan", value=plan)  # what every later task needs
