@@ -110,7 +110,7 @@ class SievePodOperator(KubernetesPodOperator):
         if config.get("startup_timeout_seconds"):
             self.startup_timeout_seconds = self.schedule_timeout_seconds = int(config["startup_timeout_seconds"])
         self.arguments = stage_arguments(self.stage, self.plan["input"], self.plan["run"], shard_ids,
-                                         self.plan["settings"])
+                                         self.plan["settings"], self.plan.get("lease_owner"))
         check_cli_roundtrip(self.arguments, self.plan["settings"])
 
     def execute(self, context: Any) -> Any:

@@ -15,6 +15,7 @@ from sieve_airflow.planning import (
     batch_shards,
     default_run_base,
     join_uri,
+    lease_owner,
     sanitize_run_id,
     settings_options,
 )
@@ -27,6 +28,13 @@ LOCAL_GROUP = "local_batch"
 POD_GROUP = "pod_batch"
 RUN_BASE_VARIABLE = "sieve_run_base"
 NO_SHARDS = "no .tar shards found"
+
+
+def run_lease(run: str, owner: str | None):
+    """Hold the run directory's lease (shared by every task and pod of this DAG run) while writing it."""
+    from sieve_tasks import lease
+
+    return lease.hold(run, owner)
 
 
 def run_base() -> str:
@@ -48,6 +56,7 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     from airflow.sdk import conf
 
     from sieve_tasks.pool import register_pool
+    from sieve_tasks.shards import discover_shards
     from sieve_tasks.settings import Settings
 
     if not input_spec or not input_spec.strip():
@@ -56,8 +65,12 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
         settings = Settings(**settings_options(params))
     except (TypeError, ValueError) as exc:  # a bad trigger form: retrying cannot help
         raise AirflowFailException(f"invalid settings: {exc}") from exc
+    context = get_current_context()
+    owner = lease_owner(context["dag"].dag_id, context["run_id"])
     try:
-        shards = register_pool(input_spec, run)
+        discover_shards(input_spec)  # an empty input is found before anything is written to the run
+        with run_lease(run, owner):
+            shards = register_pool(input_spec, run)
     except FileNotFoundError as exc:
         if str(exc).startswith(NO_SHARDS):
             if skip_if_empty:
@@ -78,8 +91,8 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
         log.warning(TEST_PROFILE_WARNING)
     log.info("run %s: %d shards in %d batches of up to %d", run, len(shards), len(batches), len(batches[0]))
     plan = {"input": input_spec, "run": run, "settings": settings.to_dict(), "mode": mode,
-            "shards": len(shards), "batches": len(batches)}
-    ti = get_current_context()["ti"]
+            "lease_owner": owner, "shards": len(shards), "batches": len(batches)}
+    ti = context["ti"]
     ti.xcom_push(key="plan", value=plan)  # what every later task needs
     ti.xcom_push(key="run", value=run)  # what the summary plugin looks up
     return batches
@@ -101,7 +114,8 @@ def run_stage(stage: str, batch: list[str], plan: dict[str, Any]) -> list[dict[s
     from sieve_tasks.settings import Settings
 
     get_current_context()["shard_label"] = batch_label(batch)
-    markers = run_shard_stage(stage, plan["input"], plan["run"], Settings(**plan["settings"]), batch)
+    with run_lease(plan["run"], plan.get("lease_owner")):
+        markers = run_shard_stage(stage, plan["input"], plan["run"], Settings(**plan["settings"]), batch)
     for m in markers:
         log.info("%s %s: %s ok, %s failed, %s", stage, m["shard"], m["ok"], m["failed"],
                  "skipped (complete)" if m["skipped"] else f"{m['seconds']}s")
@@ -132,7 +146,8 @@ def aggregate(plan: dict[str, Any]) -> dict[str, Any]:
     from sieve_tasks.settings import Settings
     from sieve_tasks.stages.aggregate import aggregate as aggregate_run
 
-    result = aggregate_run(plan["run"], Settings(**plan["settings"]))
+    with run_lease(plan["run"], plan.get("lease_owner")):
+        result = aggregate_run(plan["run"], Settings(**plan["settings"]))
     return {"counts": result["counts"], "threshold": result["selection"]["threshold"],
             "rule": result["selection"]["rule"]}
 
@@ -172,7 +187,8 @@ class SievePublishOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from sieve_tasks.stages.publish import publish
 
-        summary = publish(self.plan["run"])
+        with run_lease(self.plan["run"], self.plan.get("lease_owner")):
+            summary = publish(self.plan["run"])
         counts = summary["counts"]
         self.log.info("kept %s of %s read (%s failed); manifest %s", counts["kept"], counts["read"],
                       counts["failed"], summary["manifest"]["subset.npy"])

@@ -96,8 +96,14 @@ def settings_options(params: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def lease_owner(dag_id: str, run_id: str) -> str:
+    """The owner of the run-directory lease (``sieve_tasks.lease``): every task and pod of one DAG run
+    shares it, so they write the run together while another DAG run (or a stray ``sieve``) is refused."""
+    return f"airflow/{dag_id}/{run_id}"
+
+
 def stage_arguments(stage: str, input_spec: str, run: str, shard_ids: list[str],
-                    settings: dict[str, Any]) -> list[str]:
+                    settings: dict[str, Any], owner: str | None = None) -> list[str]:
     """Container args for ``sieve <stage> INPUT RUN --shards ...`` (the image's ENTRYPOINT is ``sieve``).
 
     ``settings`` is ``Settings.to_dict()``; every caption/embed field the CLI can carry is passed, so the
@@ -115,4 +121,6 @@ def stage_arguments(stage: str, input_spec: str, run: str, shard_ids: list[str],
         args += [flag, str(value)]
     if settings.get("overwrite"):
         args.append("--overwrite")
+    if owner:
+        args += ["--lease-owner", owner]
     return args

@@ -69,6 +69,7 @@ def test_publish_updates_the_manifest_asset_and_links_the_summary(local_run):
         assert events[0].extra["run"] == str(run)
         assert events[0].extra["subset"] == str(run / "manifest" / "subset.npy")
         assert events[0].extra["kept"] == 4
+    assert not (run / "_lease.json").exists()
     from urllib.parse import quote
 
     link = xcoms(dagrun, "publish", "_link_SieveSummaryLink")
@@ -111,3 +112,18 @@ def test_conflicting_selection_fails_fast_without_retries(airflow_db, demo_pool,
     assert got[("list_shards", -1)] == "failed"
     assert got[("publish", -1)] == "upstream_failed"
     assert not (tmp_path / "run" / "shards.json").exists()
+
+
+def test_a_run_directory_leased_by_someone_else_is_not_touched(airflow_db, demo_pool, tmp_path):
+    """Another writer (a CLI run, another DAG run) holds RUN's lease: list_shards fails, nothing is written."""
+    import json
+    import time
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "_lease.json").write_text(json.dumps({"owner": "alice@elsewhere:1", "acquired_at": time.time(),
+                                                  "expires_at": time.time() + 600}))
+    dagrun = run_dag("sieve_curation", {"input": demo_pool, "run": str(run), "profile": "test"})
+    assert dagrun.state == "failed"
+    assert states(dagrun)[("list_shards", -1)] == "failed"
+    assert sorted(p.name for p in run.iterdir()) == ["_lease.json"]

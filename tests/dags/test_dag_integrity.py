@@ -168,11 +168,13 @@ def test_pod_arguments_carry_the_stage_settings(options):
 
     settings = Settings(**options).to_dict()
     for stage in ("caption", "embed"):
-        args = stage_arguments(stage, "s3://b/pool/", "s3://b/run", ["00000003", "00000004"], settings)
+        args = stage_arguments(stage, "s3://b/pool/", "s3://b/run", ["00000003", "00000004"], settings,
+                               "airflow/sieve_curation/manual__x")
         assert args[:5] == [stage, "s3://b/pool/", "s3://b/run", "--shards", "00000003,00000004"]
         check_cli_roundtrip(args, settings)
         parsed = build_parser().parse_args(args)
         assert parsed.shards == ["00000003", "00000004"]
+        assert parsed.lease_owner == "airflow/sieve_curation/manual__x"
         assert settings_from_args(parsed).overwrite == settings["overwrite"]
 
 

@@ -39,7 +39,8 @@ def validate(body: dict) -> None:
 def plan_for(settings_options: dict, run: str = "s3://bucket/runs/r1", input_spec: str = "s3://bucket/pool/") -> dict:
     from sieve_tasks.settings import Settings
 
-    return {"input": input_spec, "run": run, "settings": Settings(**settings_options).to_dict(), "mode": "kubernetes"}
+    return {"input": input_spec, "run": run, "settings": Settings(**settings_options).to_dict(), "mode": "kubernetes",
+            "lease_owner": "airflow/sieve_curation/manual__1"}
 
 
 def test_defaults_come_from_the_config_file_and_the_variable_overrides_them(monkeypatch):
@@ -85,6 +86,7 @@ def test_one_valid_pod_per_batch_with_the_right_args(airflow_db, shards, per_tas
             assert args[:5] == [stage, plan["input"], plan["run"], "--shards", ",".join(batch)]
             assert args[args.index("--captioner") + 1] == "s3://models/blip-large"
             assert args[args.index("--num-captions") + 1] == "4"
+            assert args[args.index("--lease-owner") + 1] == "airflow/sieve_curation/manual__1"
             assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
             assert container["resources"]["requests"]["memory"] == "24Gi"
             assert container["envFrom"] == [{"secretRef": {"name": "sieve-aws"}}]
@@ -147,6 +149,11 @@ def test_kubernetes_mode_end_to_end_with_a_fake_kubelet(airflow_db, demo_pool, m
     assert sorted((p["spec"]["containers"][0]["args"][0], p["spec"]["containers"][0]["args"][4]) for p in pods) == [
         ("caption", "00000000"), ("caption", "00000001"), ("embed", "00000000"), ("embed", "00000001")]
     assert all(p["spec"]["containers"][0]["args"][2] == str(run) for p in pods)
+    # all pods of the DAG run share its lease on the run directory (they run in parallel on a real cluster)
+    owners = {p["spec"]["containers"][0]["args"][p["spec"]["containers"][0]["args"].index("--lease-owner") + 1]
+              for p in pods}
+    assert owners == {f"airflow/sieve_curation/{dagrun.run_id}"}
+    assert not (run / "_lease.json").exists()  # released when the run finished
     assert all(p["metadata"]["labels"]["dag_id"] == "sieve_curation" for p in pods)
     got = states(dagrun)
     assert {got[(t, -1)] for t in ("local_batch.caption", "local_batch.embed", "local_batch.score")} == {"skipped"}
