@@ -1,0 +1,160 @@
+"""Caption-stage throughput: transformers' BlipForConditionalGeneration.generate vs sieve_tasks.fast_blip.
+
+    .venv/bin/python benchmarks/caption_bench.py [--images 16 --batch 8 --repeats 3 --threads N]
+
+Builds full-size BLIP base from ``BlipConfig()`` (ViT-B/16 at 384 fed 224 px with interpolated positions, BERT-base
+decoder) with seeded random weights (same FLOPs as the real checkpoint; random weights almost never emit [SEP], so
+every caption runs to max_length: the worst case), random 224x224 inputs, SIEVE's decoding settings (8 captions per
+image, top_p 0.9, min_length 5, max_length 20, repetition_penalty 1.1, prompt "a picture of "). Baseline and fast runs
+alternate within each repeat (same process, same machine) so that load from other processes hits both; medians and
+min/max are printed. Also prints how many captions are token-identical between the two paths for the same seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sieve_tasks.fast_blip import DecodeConfig, FastBlipDecoder  # noqa: E402
+from sieve_tasks.settings import Settings  # noqa: E402
+
+# bert-base-uncased ids of "a picture of " as SIEVE's tokenizer returns them: [CLS] a picture of [SEP]
+PROMPT_IDS = torch.tensor([[101, 1037, 3861, 1997, 102]])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=16, help="images per timed run")
+    ap.add_argument("--batch", type=int, default=8, help="images per generate call")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per path (median reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-baseline", action="store_true", help="time only the fast path")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = ap.parse_args()
+
+    import transformers
+    from transformers import BlipConfig, BlipForConditionalGeneration
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    print(f"machine: {cpu_model()}; {os.cpu_count()} cpus; torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); transformers {transformers.__version__}; device {device} {dtype}")
+    if device.type == "cuda":
+        print(f"gpu: {torch.cuda.get_device_name(device)}")
+
+    torch.manual_seed(args.seed)
+    t0 = time.perf_counter()
+    model = BlipForConditionalGeneration(BlipConfig()).eval().to(device, dtype)
+    print(f"built BlipConfig() model with random weights in {time.perf_counter() - t0:.1f}s")
+    fast = FastBlipDecoder(model)
+    settings = Settings()
+    cfg = DecodeConfig.from_settings(settings)
+    gen = torch.Generator().manual_seed(args.seed)
+    pixels = torch.randn(args.images, 3, settings.image_size, settings.image_size, generator=gen).to(device, dtype)
+    batches = [pixels[i : i + args.batch] for i in range(0, args.images, args.batch)]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run_hf(seed: int) -> list[torch.Tensor]:
+        out = []
+        for i, px in enumerate(batches):
+            torch.manual_seed(seed + i)
+            with torch.inference_mode():
+                out.append(model.generate(
+                    pixel_values=px, input_ids=PROMPT_IDS.repeat(len(px), 1).to(device), interpolate_pos_encoding=True,
+                    do_sample=True, top_p=settings.top_p, max_length=settings.max_length,
+                    min_length=settings.min_length, repetition_penalty=settings.repetition_penalty,
+                    num_return_sequences=settings.num_captions,
+                ))
+        return out
+
+    def run_fast(seed: int) -> list[torch.Tensor]:
+        out = []
+        for i, px in enumerate(batches):
+            torch.manual_seed(seed + i)  # same global-RNG draws as transformers
+            out.append(fast.generate(px, PROMPT_IDS, cfg))
+        return out
+
+    def timed(fn, seed):
+        sync()
+        t = time.perf_counter()
+        out = fn(seed)
+        sync()
+        return time.perf_counter() - t, out
+
+    # warm-up (allocator, oneDNN/MKL kernels) on one small batch each
+    small = batches[0][:2]
+    with torch.inference_mode():
+        fast.generate(small, PROMPT_IDS, cfg, seed=0)
+        if not args.skip_baseline:
+            model.generate(pixel_values=small, input_ids=PROMPT_IDS.repeat(2, 1).to(device), interpolate_pos_encoding=True,
+                           do_sample=True, top_p=0.9, max_length=20, min_length=5, repetition_penalty=1.1,
+                           num_return_sequences=8)
+
+    hf_times, fast_times, same, total = [], [], 0, 0
+    for r in range(args.repeats):
+        seed = args.seed + 1000 * r
+        if not args.skip_baseline:
+            t_hf, out_hf = timed(run_hf, seed)
+            hf_times.append(t_hf)
+        t_fast, out_fast = timed(run_fast, seed)
+        fast_times.append(t_fast)
+        line = f"repeat {r + 1}: fast {args.images / t_fast:.3f} img/s ({t_fast:.1f}s)"
+        if not args.skip_baseline:
+            for a, b in zip(out_hf, out_fast):
+                n = min(a.shape[1], b.shape[1])
+                same += int((a[:, :n] == b[:, :n]).all(1).sum()) if a.shape[1] == b.shape[1] else 0
+                total += a.shape[0]
+            line = f"repeat {r + 1}: baseline {args.images / t_hf:.3f} img/s ({t_hf:.1f}s); " + line.split(": ", 1)[1]
+        print(line, flush=True)
+
+    # where the fast path's time goes (one batch)
+    px = batches[0]
+    with torch.inference_mode():
+        sync(); t = time.perf_counter(); fast.encode_images(px); sync(); t_vis = time.perf_counter() - t
+    t_all, _ = timed(lambda s: [fast.generate(px, PROMPT_IDS, cfg, seed=s)], 0)
+    print(f"fast path, one batch of {len(px)}: {t_all:.2f}s, vision encoder {t_vis:.2f}s ({100 * t_vis / t_all:.0f} %)")
+
+    fast_ips = [args.images / t for t in fast_times]
+    print(f"\nimages {args.images}, batch {args.batch}, {settings.num_captions} captions/image, "
+          f"max_length {settings.max_length}, repeats {args.repeats}")
+    if hf_times:
+        hf_ips = [args.images / t for t in hf_times]
+        print(f"baseline (transformers generate): median {statistics.median(hf_ips):.3f} img/s "
+              f"(min {min(hf_ips):.3f}, max {max(hf_ips):.3f})")
+    print(f"fast (FastBlipDecoder):           median {statistics.median(fast_ips):.3f} img/s "
+          f"(min {min(fast_ips):.3f}, max {max(fast_ips):.3f})")
+    if hf_times:
+        print(f"speed-up (ratio of medians): {statistics.median(fast_ips) / statistics.median(hf_ips):.2f}x")
+        print(f"captions token-identical to transformers for the same seed: {same}/{total}")
+    spread = (max(fast_ips) - min(fast_ips)) / statistics.median(fast_ips)
+    if spread > 0.1:
+        print(f"note: fast-path runs spread {100 * spread:.0f} % around the median; other load on the machine?")
+
+
+if __name__ == "__main__":
+    main()

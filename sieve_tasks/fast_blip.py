@@ -1,0 +1,354 @@
+"""Fast BLIP caption decoding that reuses a loaded ``BlipForConditionalGeneration``'s weights.
+
+``FastBlipDecoder(model).generate(pixel_values, prompt_ids, settings)`` returns the same token layout as
+``model.generate(pixel_values=..., input_ids=prompt_ids, interpolate_pos_encoding=True, do_sample=True, top_p=...,
+max_length=..., min_length=..., repetition_penalty=..., num_return_sequences=...)`` and samples from the same
+distribution with the same logits processing as transformers (checked against transformers' processors in
+``tests/sieve_tasks/test_fast_blip.py``). What it does differently:
+
+* the image is encoded once, and each layer's cross-attention keys/values are computed once per image and shared
+  by all ``num_return_sequences`` samples and all steps (grouped layout: the samples of an image are that image's
+  queries; the image embeddings are never repeated);
+* the prompt is run once per image (its self-attention keys/values are then copied to the image's samples);
+* a preallocated self-attention KV cache, ``scaled_dot_product_attention`` everywhere (vision encoder too);
+* top-k/top-p work on the top-k candidates instead of sorting the vocabulary, in fp32 like transformers.
+
+Sampling draws from the same distribution as transformers. By default it samples among the top-k candidates only
+(cheap); ``hf_rng=True`` calls ``torch.multinomial`` on the full-vocabulary probabilities exactly like transformers,
+so that the same seed draws the same random numbers and gives the same captions as ``model.generate`` (in fp32, up to
+float rounding of the logits moving a sample across a probability boundary: rare, then that sequence diverges).
+
+Transformers semantics reproduced (transformers 5.x ``generation/utils.py`` and ``logits_process.py``):
+``input_ids[:, 0] = bos`` and the trailing [SEP] of the prompt is dropped (``BlipForConditionalGeneration.generate``);
+the processors are RepetitionPenalty (over all previous ids, prompt included), MinLength (eos = [SEP] suppressed while
+the length *including the prompt* is below ``min_length``), then for sampling Temperature, TopK (transformers'
+default ``top_k=50`` applies when a caller sets only ``top_p``, as SIEVE's captioner does) and TopP
+(``min_tokens_to_keep=1``); ``max_length`` counts prompt tokens; finished rows are padded with ``pad_token_id``, and
+decoding stops when every row has finished.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever do_sample=True and top_k is unset
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Decoding settings, transformers' meaning. ``from_settings`` reads SIEVE's :class:`Settings`."""
+
+    num_return_sequences: int = 8
+    max_length: int = 20
+    min_length: int = 5
+    repetition_penalty: float = 1.1
+    do_sample: bool = True
+    top_p: float = 0.9
+    top_k: int | None = HF_DEFAULT_TOP_K
+    temperature: float = 1.0
+
+    @classmethod
+    def from_settings(cls, settings: Any, **overrides: Any) -> DecodeConfig:
+        values = {
+            "num_return_sequences": settings.num_captions,
+            "max_length": settings.max_length,
+            "min_length": settings.min_length,
+            "repetition_penalty": settings.repetition_penalty,
+            "top_p": settings.top_p,
+        }
+        values.update(overrides)
+        return cls(**values)
+
+
+class _Layer:
+    """Plain references to one BlipTextLayer's parameters (no copies)."""
+
+    def __init__(self, layer: torch.nn.Module):
+        sa, ca = layer.attention, layer.crossattention
+        self.q, self.k, self.v = sa.self.query, sa.self.key, sa.self.value
+        self.o, self.ln1 = sa.output.dense, sa.output.LayerNorm
+        self.cq, self.ck, self.cv = ca.self.query, ca.self.key, ca.self.value
+        self.co, self.ln2 = ca.output.dense, ca.output.LayerNorm
+        self.fc1, self.act = layer.intermediate.dense, layer.intermediate.intermediate_act_fn
+        self.fc2, self.ln3 = layer.output.dense, layer.output.LayerNorm
+
+
+def _ln(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+
+def _lin(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
+    return F.linear(x, lin.weight, lin.bias)
+
+
+class FastBlipDecoder:
+    """Caption sampler for a ``BlipForConditionalGeneration`` (eval mode), sharing its parameters."""
+
+    def __init__(self, model: torch.nn.Module, *, compile: bool = False, sdpa_vision: bool = True):
+        self.model = model
+        text = model.text_decoder
+        cfg = text.config
+        self.cfg = cfg
+        self.bos_id = int(cfg.bos_token_id)
+        self.eos_id = int(cfg.sep_token_id)  # BLIP's generate passes eos_token_id=sep_token_id
+        self.pad_id = int(cfg.pad_token_id)
+        self.heads = cfg.num_attention_heads
+        self.head_dim = cfg.hidden_size // cfg.num_attention_heads
+        self.hidden = cfg.hidden_size
+        emb = text.bert.embeddings
+        self.word_emb, self.pos_emb, self.emb_ln = emb.word_embeddings.weight, emb.position_embeddings.weight, emb.LayerNorm
+        self.layers = [_Layer(layer) for layer in text.bert.encoder.layer]
+        head = text.cls.predictions
+        self.head_dense, self.head_act, self.head_ln = head.transform.dense, head.transform.transform_act_fn, head.transform.LayerNorm
+        self.head_out = head.decoder
+        self.sdpa_vision = sdpa_vision
+        self._step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
+
+    # ------------------------------------------------------------------ model pieces
+
+    @property
+    def device(self) -> torch.device:
+        return self.word_emb.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.word_emb.dtype
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision encoder output (``last_hidden_state`` after ``post_layernorm``), 224 px via interpolated positions."""
+        vm = self.model.vision_model
+        if not self.sdpa_vision:
+            return vm(pixel_values=pixel_values, interpolate_pos_encoding=True)[0]
+        x = vm.embeddings(pixel_values, interpolate_pos_encoding=True)
+        bsz, seq, dim = x.shape
+        for layer in vm.encoder.layers:
+            attn = layer.self_attn
+            h = _ln(x, layer.layer_norm1)
+            qkv = _lin(h, attn.qkv).view(bsz, seq, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+            ctx = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], scale=attn.scale)
+            x = x + _lin(ctx.transpose(1, 2).reshape(bsz, seq, dim), attn.projection)
+            h = _ln(x, layer.layer_norm2)
+            x = x + _lin(layer.mlp.activation_fn(_lin(h, layer.mlp.fc1)), layer.mlp.fc2)
+        return _ln(x, vm.post_layernorm)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., T, hidden) -> (..., heads, T, head_dim)."""
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(-2, -3)
+
+    def cross_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (keys, values) of shape (images, heads, image_tokens, head_dim): computed once per image."""
+        return [(self._heads(_lin(image_embeds, ly.ck)).contiguous(), self._heads(_lin(image_embeds, ly.cv)).contiguous())
+                for ly in self.layers]
+
+    def _ffn_and_cross(self, ly: _Layer, x: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, groups: int) -> torch.Tensor:
+        """Cross-attention + feed-forward for x of shape (images*groups, T, hidden); ck/cv are per image."""
+        rows, t, _ = x.shape
+        q = self._heads(_lin(x, ly.cq))  # (rows, heads, T, hd)
+        if groups > 1:  # the samples of one image are extra queries against that image's keys/values
+            q = q.view(rows // groups, groups, self.heads, t, self.head_dim).transpose(1, 2)
+            q = q.reshape(rows // groups, self.heads, groups * t, self.head_dim)
+        ctx = F.scaled_dot_product_attention(q, ck, cv)
+        if groups > 1:
+            ctx = ctx.view(rows // groups, self.heads, groups, t, self.head_dim).transpose(1, 2)
+        ctx = ctx.reshape(rows, self.heads, t, self.head_dim).transpose(1, 2).reshape(rows, t, self.hidden)
+        x = _ln(_lin(ctx, ly.co) + x, ly.ln2)
+        return _ln(_lin(ly.act(_lin(x, ly.fc1)), ly.fc2) + x, ly.ln3)
+
+    def _logits(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        h = _ln(self.head_act(_lin(x, self.head_dense)), self.head_ln)
+        if out is None:
+            return _lin(h, self.head_out)
+        # reuse one (rows, vocab) buffer across steps: on CPU a fresh ~8 MB tensor per step costs page faults
+        return torch.addmm(self.head_out.bias, h, self.head_out.weight.t(), out=out)
+
+    def _embed(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        pos = self.pos_emb[start : start + ids.shape[1]]
+        return _ln(F.embedding(ids, self.word_emb) + pos, self.emb_ln)
+
+    def _prefill(self, ids: torch.Tensor, cross: list, cache_k: torch.Tensor, cache_v: torch.Tensor, groups: int):
+        """Run the prompt once per image; write its self-attention K/V into every sample's cache rows."""
+        x = self._embed(ids, 0)  # (images, P, hidden)
+        p = ids.shape[1]
+        for i, ly in enumerate(self.layers):
+            q, k, v = (self._heads(_lin(x, lin)) for lin in (ly.q, ly.k, ly.v))
+            cache_k[i, :, :, :p] = k.repeat_interleave(groups, dim=0)
+            cache_v[i, :, :, :p] = v.repeat_interleave(groups, dim=0)
+            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).flatten(2)
+            x = _ln(_lin(ctx, ly.o) + x, ly.ln1)
+            x = self._ffn_and_cross(ly, x, cross[i][0], cross[i][1], 1)
+        return self._logits(x[:, -1])  # (images, vocab)
+
+    def _decode_step(self, tok: torch.Tensor, pos: int, cross: list, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                     mask: torch.Tensor, groups: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One token per row at position ``pos``; attends to cache[..., :pos+1] through ``mask`` (fixed shapes)."""
+        x = _ln(F.embedding(tok, self.word_emb) + self.pos_emb[pos], self.emb_ln)[:, None]  # (rows, 1, hidden)
+        for i, ly in enumerate(self.layers):
+            q, k, v = (self._heads(_lin(x, lin)) for lin in (ly.q, ly.k, ly.v))  # (rows, heads, 1, hd)
+            cache_k[i, :, :, pos : pos + 1] = k
+            cache_v[i, :, :, pos : pos + 1] = v
+            ctx = F.scaled_dot_product_attention(q, cache_k[i], cache_v[i], attn_mask=mask)
+            x = _ln(_lin(ctx.transpose(1, 2).flatten(2), ly.o) + x, ly.ln1)
+            x = self._ffn_and_cross(ly, x, cross[i][0], cross[i][1], groups)
+        return self._logits(x[:, 0], out)
+
+    # ------------------------------------------------------------------ logits processing (transformers semantics)
+
+    @staticmethod
+    def process_scores(ids: torch.Tensor, logits: torch.Tensor, cfg: DecodeConfig, eos_id: int,
+                       candidates: bool = False, inplace: bool = False):
+        """Processed fp32 scores for the next token given all previous ids (prompt included), like transformers'
+        RepetitionPenalty -> MinLength [-> Temperature -> TopK -> TopP when sampling].
+
+        Returns the (rows, vocab) scores with removed tokens at -inf; with ``candidates=True`` and top-k active it
+        returns ``(values, token_ids)`` of the top-k candidates instead (removed ones at -inf), which is all that
+        sampling needs, without building the full tensor. ``inplace=True`` allows overwriting fp32 ``logits``.
+        """
+        scores = logits.float()
+        if scores is logits and not inplace:
+            scores = scores.clone()
+        vocab = scores.shape[-1]
+        if cfg.repetition_penalty != 1.0:
+            pen = cfg.repetition_penalty
+            if int(ids.max()) >= vocab:  # transformers ignores ids beyond the output vocabulary
+                padded = F.pad(scores, (0, 1))
+                ids_c = ids.clamp(max=vocab)
+                g = padded.gather(1, ids_c)
+                scores = padded.scatter_(1, ids_c, torch.where(g < 0, g * pen, g / pen))[:, :vocab]
+            else:
+                g = scores.gather(1, ids)
+                scores.scatter_(1, ids, torch.where(g < 0, g * pen, g / pen))
+        if cfg.min_length > 0 and ids.shape[1] < cfg.min_length:
+            scores[:, eos_id] = -math.inf
+        if not cfg.do_sample:
+            return scores
+        if cfg.temperature != 1.0:
+            scores = scores / cfg.temperature
+        top_k = min(cfg.top_k, vocab) if cfg.top_k else 0
+        if top_k:
+            vals, idx = torch.topk(scores, min(top_k + 1, vocab))  # descending; one extra to detect ties
+            if top_k < vocab and bool((vals[:, top_k] == vals[:, top_k - 1]).any()):
+                # ties at the k-th value: transformers keeps all of them
+                scores = scores.masked_fill(scores < vals[:, top_k - 1 : top_k], -math.inf)
+            else:  # transformers keeps exactly these k tokens
+                vals, idx = vals[:, :top_k], idx[:, :top_k]
+                asc = vals.flip(-1)
+                # Top-p over the k candidates equals transformers' ascending sort of the whole vocabulary, where every
+                # other token is -inf (probability 0, cumulative sum unchanged) -- unless candidates tie: then the
+                # unstable full sort decides which tied token is cut, so take that path below.
+                if cfg.top_p >= 1.0 or not bool((asc[:, 1:] == asc[:, :-1]).any()):
+                    if cfg.top_p < 1.0:
+                        remove = asc.softmax(-1).cumsum(-1) <= 1 - cfg.top_p
+                        remove[:, -1] = False
+                        vals = asc.masked_fill(remove, -math.inf).flip(-1)
+                    if candidates:
+                        return vals, idx
+                    return torch.full_like(scores, -math.inf).scatter_(1, idx, vals)
+                scores = torch.full_like(scores, -math.inf).scatter_(1, idx, vals)
+        if cfg.top_p < 1.0:
+            sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+            remove = sorted_logits.softmax(-1).cumsum(-1) <= 1 - cfg.top_p
+            remove[..., -1:] = False
+            scores = scores.masked_fill(remove.scatter(1, sorted_idx, remove), -math.inf)
+        return scores
+
+    @staticmethod
+    def sample(scores, generator: torch.Generator | None) -> torch.Tensor:
+        """One token per row from processed scores (full tensor or ``(values, token_ids)`` candidates)."""
+        if isinstance(scores, tuple):
+            vals, idx = scores
+            pick = torch.multinomial(F.softmax(vals, dim=-1), 1, generator=generator)
+            return idx.gather(1, pick).squeeze(1)
+        return torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+
+    # ------------------------------------------------------------------ generate
+
+    def prepare_prompt(self, prompt_ids: torch.Tensor, batch: int) -> torch.Tensor:
+        """Tokenizer output ([CLS] ... [SEP]) -> decoder prompt ([DEC] ...), as ``BlipForConditionalGeneration.generate``."""
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.shape[0] == 1 and batch > 1:
+            ids = ids.expand(batch, -1)
+        if ids.shape[0] != batch:
+            raise ValueError(f"prompt_ids has {ids.shape[0]} rows for {batch} images")
+        ids = ids.clone()
+        ids[:, 0] = self.bos_id
+        return ids[:, :-1].to(self.device)
+
+    @torch.inference_mode()
+    def generate(self, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, settings: Any = None, *,
+                 seed: int | None = None, generator: torch.Generator | None = None, output_scores: bool = False,
+                 hf_rng: bool = False, **overrides: Any):
+        """Token ids of shape (images * num_return_sequences, length), image-major, prompt included.
+
+        ``settings``: a :class:`DecodeConfig`, or SIEVE's ``Settings`` (num_captions, top_p, min/max_length,
+        repetition_penalty), or None for DecodeConfig defaults; keyword ``overrides`` replace fields (e.g.
+        ``do_sample=False`` for greedy). Randomness: ``generator``, else a fresh one seeded with ``seed``, else
+        torch's global generator (transformers' behaviour: ``torch.manual_seed(s)`` then generate draws the same
+        numbers). With ``output_scores`` returns ``(tokens, tuple of processed per-step scores)``.
+
+        Sampling draws from the top-k candidates only (same distribution as transformers, far fewer random numbers).
+        ``hf_rng=True`` instead samples the full-vocabulary probabilities with ``torch.multinomial`` exactly like
+        transformers, which consumes the random stream identically: same seed -> the same captions as
+        ``model.generate`` up to float rounding (costs about one extra ``exponential_`` over rows x vocab per step).
+        """
+        if settings is None:
+            cfg = DecodeConfig(**overrides)
+        elif isinstance(settings, DecodeConfig):
+            cfg = DecodeConfig(**{**settings.__dict__, **overrides})
+        else:
+            cfg = DecodeConfig.from_settings(settings, **overrides)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        if cfg.max_length > self.cfg.max_position_embeddings:
+            raise ValueError(f"max_length {cfg.max_length} exceeds {self.cfg.max_position_embeddings} positions")
+
+        images = pixel_values.shape[0]
+        groups = cfg.num_return_sequences
+        rows = images * groups
+        prompt = self.prepare_prompt(prompt_ids, images)
+        plen = prompt.shape[1]
+        image_embeds = self.encode_images(pixel_values.to(self.device, self.dtype))
+        cross = self.cross_kv(image_embeds)
+
+        tmax = max(cfg.max_length - 1, plen)  # the last token is never fed back
+        shape = (len(self.layers), rows, self.heads, tmax, self.head_dim)
+        # zero-filled: masked-out positions get weight 0, and 0 * garbage could be NaN
+        cache_k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        cache_v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        mask = torch.zeros((1, tmax), dtype=torch.bool, device=self.device)
+        mask[:, :plen] = True
+
+        ids = torch.empty((rows, max(cfg.max_length, plen)), dtype=torch.long, device=self.device)
+        ids[:, :plen] = prompt.repeat_interleave(groups, dim=0)
+        cur = plen
+        unfinished = torch.ones(rows, dtype=torch.bool, device=self.device)
+        scores_out: list[torch.Tensor] = []
+        logits_buf = None
+        logits = self._prefill(prompt, cross, cache_k, cache_v, groups).repeat_interleave(groups, dim=0)
+        while cur < cfg.max_length:
+            scores = self.process_scores(ids[:, :cur], logits, cfg, self.eos_id,
+                                         candidates=not (output_scores or hf_rng), inplace=not output_scores)
+            if output_scores:
+                scores_out.append(scores)
+            if cfg.do_sample:
+                nxt = self.sample(scores, generator)
+            else:
+                nxt = scores.argmax(-1)
+            nxt = torch.where(unfinished, nxt, self.pad_id)
+            ids[:, cur] = nxt
+            cur += 1
+            unfinished &= nxt != self.eos_id
+            if cur >= cfg.max_length or not bool(unfinished.any()):
+                break
+            mask[:, cur - 1] = True
+            if logits_buf is None and self.head_out.weight.dtype == torch.float32:
+                logits_buf = torch.empty((rows, self.head_out.out_features), device=self.device)
+            logits = self._step(nxt, cur - 1, cross, cache_k, cache_v, mask, groups, logits_buf)
+        tokens = ids[:, :cur]
+        return (tokens, tuple(scores_out)) if output_scores else tokens
