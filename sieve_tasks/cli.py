@@ -21,6 +21,12 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--captions", help="parquet with uid + captions (list) to use instead of captioning; "
                    "'{shard}' in the path means one file per shard")
     g.add_argument("--num-captions", type=int, default=8)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--min-length", type=int, default=5, help="in tokens, prompt included (HF semantics)")
+    g.add_argument("--max-length", type=int, default=20, help="in tokens, prompt included (HF semantics)")
+    g.add_argument("--repetition-penalty", type=float, default=1.1)
+    g.add_argument("--prompt", default="a picture of ")
+    g.add_argument("--image-size", type=int, default=224)
     g.add_argument("--caption-batch-size", type=int, default=8, help="images per captioning batch")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="refuse larger images")
@@ -115,7 +121,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         for uri in make_sample_pool(args.out, args.shards):
             print(uri)
         return 0
-    with lease.hold(args.run, args.lease_owner, args.lease_ttl):
+    # a shared owner (--lease-owner, e.g. an Airflow run) keeps the lease until publish, or until it expires
+    shared = args.lease_owner is not None and args.command != "publish"
+    with lease.hold(args.run, args.lease_owner, args.lease_ttl, release_at_end=not shared):
         return _dispatch_run_command(args)
 
 

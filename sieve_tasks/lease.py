@@ -76,8 +76,14 @@ def release(run: str, owner: str) -> None:
 
 
 @contextmanager
-def hold(run: str, owner: str | None = None, ttl: float = DEFAULT_TTL_SECONDS) -> Iterator[str]:
-    """Hold the lease for the duration of the block, renewing it every ``ttl / 4`` seconds."""
+def hold(run: str, owner: str | None = None, ttl: float = DEFAULT_TTL_SECONDS, release_at_end: bool = True
+         ) -> Iterator[str]:
+    """Hold the lease for the duration of the block, renewing it every ``ttl / 4`` seconds.
+
+    A lease shared by many processes (an explicit owner such as an Airflow run id) is not released
+    when one of them ends, or its siblings would lose it: pass ``release_at_end=False``; the run's last
+    step (publish) releases it, or it expires.
+    """
     owner = owner or default_owner()
     acquire(run, owner, ttl)
     stop = threading.Event()
@@ -96,4 +102,5 @@ def hold(run: str, owner: str | None = None, ttl: float = DEFAULT_TTL_SECONDS) -
     finally:
         stop.set()
         thread.join()
-        release(run, owner)
+        if release_at_end:
+            release(run, owner)

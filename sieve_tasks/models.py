@@ -14,10 +14,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from sieve_tasks import storage
+
+if TYPE_CHECKING:  # torch is imported only by the stages that run models
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,12 @@ class Device:
     """Where a model runs and in which dtype (bf16/fp16 on GPU, fp32 on CPU unless overridden)."""
 
     device: str
-    dtype: torch.dtype
+    dtype: "torch.dtype"
 
     @classmethod
     def choose(cls, device: str = "auto", dtype: str = "auto") -> "Device":
+        import torch
+
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if dtype == "auto":
@@ -81,4 +85,6 @@ class Device:
 
 def is_oom(exc: BaseException) -> bool:
     """True for an accelerator out-of-memory error (the batch can be retried in smaller pieces)."""
+    import torch
+
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()

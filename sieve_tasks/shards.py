@@ -26,6 +26,10 @@ MAX_TEXT_CHARS = 2000  # longer alt-texts are cut before the models (recorded as
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
 
 
+class NoShardsFound(FileNotFoundError):
+    """The input names no ``.tar`` shard (an empty crawl day, a wrong prefix)."""
+
+
 class SampleError(Exception):
     """A per-sample problem; its message is the recorded ``reason``."""
 
@@ -71,7 +75,7 @@ def discover_shards(input_spec: str) -> list[Shard]:
         else:
             uris.extend(storage.list_files(item, ".tar"))
     if not uris:
-        raise FileNotFoundError(f"no .tar shards found in input {input_spec!r}")
+        raise NoShardsFound(f"no .tar shards found in input {input_spec!r}")
     shards: dict[str, Shard] = {}
     for uri in uris:
         shard_id = storage.basename(uri)[: -len(".tar")]

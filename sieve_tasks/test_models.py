@@ -11,8 +11,6 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from sieve_tasks.models import DEFAULT_TEXT_ENCODER, cache_dir, materialize
 
 TINY_BLIP = "test:tiny-blip"
@@ -40,6 +38,7 @@ def tiny_model_dir(ref: str) -> Path:
 
 
 def _build_tiny_blip(directory: Path) -> None:
+    import torch
     from transformers import BertTokenizerFast, BlipConfig, BlipForConditionalGeneration
 
     tokenizer = BertTokenizerFast.from_pretrained(materialize(DEFAULT_TEXT_ENCODER))
@@ -63,6 +62,7 @@ def _build_tiny_blip(directory: Path) -> None:
 
 def _build_tiny_clip(directory: Path) -> None:
     import open_clip
+    import torch
     from safetensors.torch import save_file
 
     model_cfg = {

@@ -27,14 +27,17 @@ MANIFEST_ASSET = Asset(name="sieve-manifest", uri="sieve://manifest", group="sie
 LOCAL_GROUP = "local_batch"
 POD_GROUP = "pod_batch"
 RUN_BASE_VARIABLE = "sieve_run_base"
-NO_SHARDS = "no .tar shards found"
 
 
-def run_lease(run: str, owner: str | None):
-    """Hold the run directory's lease (shared by every task and pod of this DAG run) while writing it."""
+def run_lease(run: str, owner: str | None, last_step: bool = False):
+    """Hold the run directory's lease (shared by every task and pod of this DAG run) while writing it.
+
+    Tasks leave the shared lease in place when they end (their siblings may still be writing); the last
+    step, publish, releases it, and a crashed run's lease expires.
+    """
     from sieve_tasks import lease
 
-    return lease.hold(run, owner)
+    return lease.hold(run, owner, release_at_end=last_step)
 
 
 def run_base() -> str:
@@ -56,7 +59,7 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     from airflow.sdk import conf
 
     from sieve_tasks.pool import register_pool
-    from sieve_tasks.shards import discover_shards
+    from sieve_tasks.shards import NoShardsFound, discover_shards
     from sieve_tasks.settings import Settings
 
     if not input_spec or not input_spec.strip():
@@ -71,12 +74,10 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
         discover_shards(input_spec)  # an empty input is found before anything is written to the run
         with run_lease(run, owner):
             shards = register_pool(input_spec, run)
-    except FileNotFoundError as exc:
-        if str(exc).startswith(NO_SHARDS):
-            if skip_if_empty:
-                raise AirflowSkipException(f"nothing to curate: {exc}") from exc
-            raise AirflowFailException(str(exc)) from exc
-        raise
+    except NoShardsFound as exc:
+        if skip_if_empty:
+            raise AirflowSkipException(f"nothing to curate: {exc}") from exc
+        raise AirflowFailException(str(exc)) from exc
     except ValueError as exc:  # a run directory started on another pool, a bad shard name
         raise AirflowFailException(str(exc)) from exc
     max_map_length = conf.getint("core", "max_map_length", fallback=1024)
@@ -187,7 +188,7 @@ class SievePublishOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from sieve_tasks.stages.publish import publish
 
-        with run_lease(self.plan["run"], self.plan.get("lease_owner")):
+        with run_lease(self.plan["run"], self.plan.get("lease_owner"), last_step=True):
             summary = publish(self.plan["run"])
         counts = summary["counts"]
         self.log.info("kept %s of %s read (%s failed); manifest %s", counts["kept"], counts["read"],

@@ -3,6 +3,8 @@ and the completion marker ``_SUCCESS`` written last. Re-publishing a run gives b
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -17,7 +19,7 @@ from sieve_tasks.stages.base import marker_uri
 from sieve_tasks.test_models import is_test_model
 
 SUBSET_DTYPE = np.dtype("u8,u8")
-KEPT_COLUMNS = ("uid", "shard", "key", "url", "sieve_score", "sieve_mean", "clip_score", "best_caption")
+KEPT_COLUMNS = ("shard", "key", "url", "sieve_score", "sieve_mean", "clip_score", "best_caption")
 ROWS_PER_BATCH = 1 << 20
 TEST_PROFILE_WARNING = (
     "TEST PROFILE: the captioner and CLIP are tiny randomly initialised models built offline; the scores "
@@ -35,48 +37,48 @@ def publish(run: str) -> dict[str, Any]:
     selection = thresholds["selection"]
     files, _ = score_files(run)
     con = connect(run)
-    define_views(con, files)
+    define_views(con, files, thresholds["duplicates_file"])
     expression, params = score_expression(selection)
-    where = f"{candidate_filter(selection)} AND ({expression}) >= ?"
-    params = params + params + [selection["threshold"]]
+    # the uid text is re-made from its two halves rather than read: a lighter scan
     query = f"""
-        SELECT {', '.join(KEPT_COLUMNS)}, {expression} AS selection_score,
-               CAST('0x' || substr(uid, 1, 16) AS UBIGINT) AS f0, CAST('0x' || substr(uid, 17, 16) AS UBIGINT) AS f1
-        FROM unique_ok WHERE {where} ORDER BY uid
+        SELECT printf('%016x%016x', uid_hi, uid_lo) AS uid, {', '.join(KEPT_COLUMNS)},
+               {expression} AS selection_score, uid_hi, uid_lo
+        FROM unique_ok WHERE {candidate_filter(selection)} AND ({expression}) >= ?
+        ORDER BY uid_hi, uid_lo
     """
-    (kept,) = con.execute(f"SELECT count(*) FROM ({query})", params).fetchall()[0]
-    _write_manifest_files(con, query, params, kept, run)
+    kept = _write_manifest_files(con.sql(query, params=params + params + [selection["threshold"]]), run)
     summary = _summary(run, thresholds, kept)
     storage.write_json_atomic(manifest_uri(run, "summary.json"), summary)
     storage.write_json_atomic(manifest_uri(run, "_SUCCESS"), {"kept": kept, "fingerprint": thresholds["fingerprint"]})
     return summary
 
 
-def _write_manifest_files(con, query: str, params: list[Any], kept: int, run: str) -> None:
-    """Stream kept rows once, in uid order, into kept.parquet and subset.npy (header first, then rows)."""
-    reader = con.sql(query, params=params).to_arrow_reader(ROWS_PER_BATCH)
-    kept_schema = None
+def _write_manifest_files(relation, run: str) -> int:
+    """Stream the kept rows once, in uid order, into kept.parquet and subset.npy; returns their number.
+
+    The uid pairs go to a body file first; the npy header, which needs the count, is written in front
+    of it at the end.
+    """
+    reader = relation.to_arrow_reader(ROWS_PER_BATCH)
+    kept_schema = pa.schema([f for f in reader.schema if f.name not in ("uid_hi", "uid_lo")])
+    kept = 0
     with storage.LocalStaging(manifest_uri(run, "kept.parquet")) as parquet_out, \
-            storage.LocalStaging(manifest_uri(run, "subset.npy")) as npy_out, open(npy_out.path, "wb") as npy:
-        npy_format.write_array_header_1_0(npy, {"descr": npy_format.dtype_to_descr(SUBSET_DTYPE),
-                                                "fortran_order": False, "shape": (kept,)})
-        writer = None
-        for batch in _rebatch(reader, ROWS_PER_BATCH):
-            table = pa.Table.from_batches([batch])
-            pairs = np.empty(table.num_rows, SUBSET_DTYPE)
-            pairs["f0"] = table.column("f0").to_numpy()
-            pairs["f1"] = table.column("f1").to_numpy()
-            npy.write(pairs.tobytes())
-            rows = table.drop_columns(["f0", "f1"])
-            if writer is None:
-                kept_schema = rows.schema
-                writer = pq.ParquetWriter(parquet_out.path, kept_schema, compression="zstd")
-            writer.write_table(rows, row_group_size=ROWS_PER_BATCH)
-        if writer is None:
-            empty = reader.schema
-            kept_schema = pa.schema([f for f in empty if f.name not in ("f0", "f1")])
-            writer = pq.ParquetWriter(parquet_out.path, kept_schema, compression="zstd")
-        writer.close()
+            storage.LocalStaging(manifest_uri(run, "subset.npy")) as npy_out, \
+            tempfile.TemporaryFile() as body:
+        with pq.ParquetWriter(parquet_out.path, kept_schema, compression="zstd") as writer:
+            for batch in _rebatch(reader, ROWS_PER_BATCH):
+                pairs = np.empty(batch.num_rows, SUBSET_DTYPE)
+                pairs["f0"] = batch.column("uid_hi").to_numpy()
+                pairs["f1"] = batch.column("uid_lo").to_numpy()
+                body.write(pairs.tobytes())
+                writer.write_table(pa.Table.from_batches([batch]).select(kept_schema.names), row_group_size=ROWS_PER_BATCH)
+                kept += batch.num_rows
+        body.seek(0)
+        with open(npy_out.path, "wb") as npy:
+            npy_format.write_array_header_1_0(npy, {"descr": npy_format.dtype_to_descr(SUBSET_DTYPE),
+                                                    "fortran_order": False, "shape": (kept,)})
+            shutil.copyfileobj(body, npy, 1 << 24)
+    return kept
 
 
 def _rebatch(reader: pa.RecordBatchReader, size: int):
@@ -84,6 +86,9 @@ def _rebatch(reader: pa.RecordBatchReader, size: int):
     pending: list[pa.RecordBatch] = []
     count = 0
     for batch in reader:
+        if not pending and batch.num_rows == size:
+            yield batch
+            continue
         pending.append(batch)
         count += batch.num_rows
         while count >= size:

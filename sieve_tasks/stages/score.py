@@ -15,8 +15,8 @@ from sieve_tasks.shards import Shard
 from sieve_tasks.stages.base import ShardStage
 
 SCORES_SCHEMA = pa.schema([
-    ("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("position", pa.int64()),
-    ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+    ("uid", pa.string()), ("uid_hi", pa.uint64()), ("uid_lo", pa.uint64()), ("shard", pa.string()),
+    ("key", pa.string()), ("position", pa.int64()), ("url", pa.string()), ("status", pa.string()), ("reason", pa.string()),
     ("sieve_score", pa.float64()), ("sieve_mean", pa.float64()), ("best_caption", pa.string()),
     ("clip_score", pa.float64()), ("language", pa.string()), ("is_english", pa.bool_()),
     ("num_words", pa.int64()), ("num_chars", pa.int64()), ("width", pa.int64()), ("height", pa.int64()),
@@ -73,6 +73,8 @@ class ScoreStage(ShardStage):
         for cap, emb in zip(captions, embeddings, strict=True):
             row = {name: None for name in SCORES_SCHEMA.names}
             row.update({k: cap[k] for k in ("uid", "shard", "key", "position", "url", "text_truncated")})
+            if row["uid"] is not None:  # the two halves DataComp's subset.npy stores, kept for fast sorting
+                row.update(uid_hi=int(row["uid"][:16], 16), uid_lo=int(row["uid"][16:], 16))
             row.update(status=emb["status"], reason=emb["reason"])
             if emb["status"] == "ok":
                 score, mean, best = sieve_scores(

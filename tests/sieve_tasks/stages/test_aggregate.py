@@ -25,6 +25,8 @@ def write_scored_run(run, shards: dict[str, list[dict]]) -> None:
             base.update(shard=shard, position=position, key=f"{shard}-{position}", status="ok",
                         passes_basic_filter=True)
             base.update(row)
+            if base["uid"] is not None:
+                base.update(uid_hi=int(base["uid"][:16], 16), uid_lo=int(base["uid"][16:], 16))
             full.append(base)
         (run / "scores").mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.Table.from_pylist(full, schema=SCORES_SCHEMA), run / "scores" / f"{shard}.parquet")
@@ -138,3 +140,17 @@ def test_injection_strings_are_data_not_sql(tmp_path):
     assert publish(str(evil))["counts"]["kept"] == 6  # n = 5, threshold 0.4, keep >=
     with pytest.raises(ValueError, match="unknown score"):
         Settings(score="sieve_score); DROP TABLE scores; --")
+
+
+def test_duplicates_found_across_partitions(tmp_path, monkeypatch):
+    from sieve_tasks.stages import aggregate as aggregate_module
+
+    monkeypatch.setattr(aggregate_module, "DUPLICATE_PARTITION_ROWS", 3)  # forces 4 partitions of uid_hi
+    ids = [1, 2, 3, 2**127 + 5, 2**126 + 9, 7]
+    rows = [{"uid": f"{i:032x}", "sieve_score": 0.5} for i in ids]
+    run = tmp_path / "run"
+    write_scored_run(run, {"00000000": rows, "00000001": rows[3:] + [{"uid": f"{2**127 + 5:032x}", "sieve_score": 0.1}]})
+    result = aggregate(str(run), Settings(threshold=0.0, clip="none"))
+    assert result["counts"]["duplicates"] == 4  # three repeated in shard 1, one twice more
+    kept = pq.read_table(publish(str(run))["manifest"]["kept.parquet"]).column("uid").to_pylist()
+    assert kept == sorted(f"{i:032x}" for i in ids)
