@@ -64,6 +64,9 @@ def execution_params(*, section: str = "Execution") -> dict[str, Param]:
         "mode": Param("local", enum=["local", "kubernetes"], section=section, title="Execution mode",
                       description="local: stages run on the Airflow worker; kubernetes: caption and embed run "
                                   "as GPU pods (Variable sieve_kubernetes configures them)."),
+        "aws_conn_id": Param(None, type=["null", "string"], section=section, title="Object-store connection",
+                             description="Airflow AWS connection for s3:// inputs and runs (login/password = keys, "
+                                         "extra endpoint_url / region_name); empty: the standard AWS environment."),
         "shards_per_task": Param(1, type="integer", minimum=1, section=section, title="Shards per task",
                                  description="Shards per mapped task / pod; enlarged automatically when the pool "
                                              "has more batches than core.max_map_length."),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote
 
@@ -29,15 +32,54 @@ POD_GROUP = "pod_batch"
 RUN_BASE_VARIABLE = "sieve_run_base"
 
 
-def run_lease(run: str, owner: str | None, last_step: bool = False):
-    """Hold the run directory's lease (shared by every task and pod of this DAG run) while writing it.
+@contextmanager
+def object_store(conn_id: str | None) -> Iterator[None]:
+    """Expose an Airflow AWS connection to ``sieve_tasks.storage`` for the block.
 
-    Tasks leave the shared lease in place when they end (their siblings may still be writing); the last
-    step, publish, releases it, and a crashed run's lease expires.
+    The storage layer (fsspec/s3fs/boto) reads the standard AWS variables; they are set from the
+    connection (login/password, extra ``endpoint_url``, ``region_name``, ``aws_session_token``) and
+    restored afterwards. Without a connection id the worker's own AWS environment applies.
     """
+    if not conn_id:
+        yield
+        return
+    from airflow.sdk import BaseHook
+
+    connection = BaseHook.get_connection(conn_id)
+    extra = connection.extra_dejson
+    values = {"AWS_ACCESS_KEY_ID": connection.login, "AWS_SECRET_ACCESS_KEY": connection.password,
+              "AWS_SESSION_TOKEN": extra.get("aws_session_token"), "AWS_ENDPOINT_URL": extra.get("endpoint_url"),
+              "AWS_DEFAULT_REGION": extra.get("region_name")}
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update({name: value for name, value in values.items() if value})
+    _forget_cached_filesystems()
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        _forget_cached_filesystems()
+
+
+def _forget_cached_filesystems() -> None:
+    import fsspec
+
+    fsspec.get_filesystem_class("s3").clear_instance_cache()
+
+
+@contextmanager
+def run_access(plan: dict[str, Any], last_step: bool = False) -> Iterator[None]:
+    """Credentials for the run's object store, and the run directory's lease (shared by every task and pod
+    of this DAG run). Tasks leave the shared lease in place when they end (siblings may still be writing);
+    the last step, publish, releases it, and a crashed run's lease expires."""
     from sieve_tasks import lease
 
-    return lease.hold(run, owner, release_at_end=last_step)
+    with object_store(plan.get("aws_conn_id")), lease.hold(plan["run"], plan.get("lease_owner"),
+                                                          release_at_end=last_step):
+        yield
 
 
 def run_base() -> str:
@@ -70,9 +112,11 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
         raise AirflowFailException(f"invalid settings: {exc}") from exc
     context = get_current_context()
     owner = lease_owner(context["dag"].dag_id, context["run_id"])
+    access = {"run": run, "lease_owner": owner, "aws_conn_id": params.get("aws_conn_id")}
     try:
-        discover_shards(input_spec)  # an empty input is found before anything is written to the run
-        with run_lease(run, owner):
+        with object_store(access["aws_conn_id"]):
+            discover_shards(input_spec)  # an empty input is found before anything is written to the run
+        with run_access(access):
             shards = register_pool(input_spec, run)
     except NoShardsFound as exc:
         if skip_if_empty:
@@ -92,7 +136,8 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
         log.warning(TEST_PROFILE_WARNING)
     log.info("run %s: %d shards in %d batches of up to %d", run, len(shards), len(batches), len(batches[0]))
     plan = {"input": input_spec, "run": run, "settings": settings.to_dict(), "mode": mode,
-            "lease_owner": owner, "shards": len(shards), "batches": len(batches)}
+            "lease_owner": owner, "aws_conn_id": access["aws_conn_id"], "shards": len(shards),
+            "batches": len(batches)}
     ti = context["ti"]
     ti.xcom_push(key="plan", value=plan)  # what every later task needs
     ti.xcom_push(key="run", value=run)  # what the summary plugin looks up
@@ -115,7 +160,7 @@ def run_stage(stage: str, batch: list[str], plan: dict[str, Any]) -> list[dict[s
     from sieve_tasks.settings import Settings
 
     get_current_context()["shard_label"] = batch_label(batch)
-    with run_lease(plan["run"], plan.get("lease_owner")):
+    with run_access(plan):
         markers = run_shard_stage(stage, plan["input"], plan["run"], Settings(**plan["settings"]), batch)
     for m in markers:
         log.info("%s %s: %s ok, %s failed, %s", stage, m["shard"], m["ok"], m["failed"],
@@ -147,7 +192,7 @@ def aggregate(plan: dict[str, Any]) -> dict[str, Any]:
     from sieve_tasks.settings import Settings
     from sieve_tasks.stages.aggregate import aggregate as aggregate_run
 
-    with run_lease(plan["run"], plan.get("lease_owner")):
+    with run_access(plan):
         result = aggregate_run(plan["run"], Settings(**plan["settings"]))
     return {"counts": result["counts"], "threshold": result["selection"]["threshold"],
             "rule": result["selection"]["rule"]}
@@ -188,7 +233,7 @@ class SievePublishOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from sieve_tasks.stages.publish import publish
 
-        with run_lease(self.plan["run"], self.plan.get("lease_owner"), last_step=True):
+        with run_access(self.plan, last_step=True):
             summary = publish(self.plan["run"])
         counts = summary["counts"]
         self.log.info("kept %s of %s read (%s failed); manifest %s", counts["kept"], counts["read"],
