@@ -46,7 +46,13 @@ def small():
     torch.manual_seed(1)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
     with torch.no_grad():
-        model.text_decoder.cls.predictions.decoder.weight.mul_(8.0)  # peakier distributions than N(0, 0.02) init
+        # BLIP's init (vision std 1e-10, text 0.02) leaves image features nearly constant and attention nearly
+        # uniform, which would hide attention bugs: use fan-in scaled weights so every path matters.
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, param[0].numel() ** -0.5)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.1)
         model.text_decoder.cls.predictions.decoder.bias[102] += 2.5
     prompt = torch.tensor([[101, 1037, 3861, 1997, 102]])  # "[CLS] a picture of [SEP]"
     return model, prompt
