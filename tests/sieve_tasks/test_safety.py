@@ -28,5 +28,6 @@ def test_sql_takes_user_values_only_as_parameters():
         for fragment in re.findall(r'f"""(.*?)"""|f"(SELECT[^"]*)"', path.read_text(), re.S):
             spliced = re.findall(r"\{([^}]*)\}", "".join(fragment))
             allowed = {"expression", "where", "column", "bin_of", "', '.join(KEPT_COLUMNS)", "query",
+                       "candidate_filter(selection)",
                        "HISTOGRAM_BINS - 1", "64 - bits"}
             assert set(spliced) <= allowed, (path, spliced)
