@@ -112,9 +112,9 @@ def main() -> None:
     with torch.inference_mode():
         fast.generate(small, PROMPT_IDS, cfg, seed=0)
         if not args.skip_baseline:
-            model.generate(pixel_values=small, input_ids=PROMPT_IDS.repeat(2, 1).to(device), interpolate_pos_encoding=True,
-                           do_sample=True, top_p=0.9, max_length=20, min_length=5, repetition_penalty=1.1,
-                           num_return_sequences=8)
+            model.generate(pixel_values=small, input_ids=PROMPT_IDS.repeat(2, 1).to(device),
+                           interpolate_pos_encoding=True, do_sample=True, top_p=0.9, max_length=20, min_length=5,
+                           repetition_penalty=1.1, num_return_sequences=8)
 
     hf_times, fast_times, first_hf = [], [], None
     for r in range(args.repeats):

@@ -102,10 +102,12 @@ class FastBlipDecoder:
         self.hidden = cfg.hidden_size
         self.scale_div = math.sqrt(self.head_dim)  # transformers divides the scores by sqrt(head_dim)
         emb = text.bert.embeddings
-        self.word_emb, self.pos_emb, self.emb_ln = emb.word_embeddings.weight, emb.position_embeddings.weight, emb.LayerNorm
+        self.word_emb, self.pos_emb = emb.word_embeddings.weight, emb.position_embeddings.weight
+        self.emb_ln = emb.LayerNorm
         self.layers = [_Layer(layer) for layer in text.bert.encoder.layer]
         head = text.cls.predictions
-        self.head_dense, self.head_act, self.head_ln = head.transform.dense, head.transform.transform_act_fn, head.transform.LayerNorm
+        self.head_dense, self.head_act = head.transform.dense, head.transform.transform_act_fn
+        self.head_ln = head.transform.LayerNorm
         self.head_out = head.decoder
         self.sdpa_vision = sdpa_vision
         self._step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
@@ -202,13 +204,14 @@ class FastBlipDecoder:
 
     @staticmethod
     def process_scores(ids: torch.Tensor, logits: torch.Tensor, cfg: DecodeConfig, eos_id: int,
-                       candidates: bool = False, inplace: bool = False):
+                       candidates: bool = False, inplace: bool = False, ids_in_vocab: bool | None = None):
         """Processed fp32 scores for the next token given all previous ids (prompt included), like transformers'
         RepetitionPenalty -> MinLength [-> Temperature -> TopK -> TopP when sampling].
 
         Returns the (rows, vocab) scores with removed tokens at -inf; with ``candidates=True`` and top-k active it
         returns ``(values, token_ids)`` of the top-k candidates instead (removed ones at -inf), which is all that
-        sampling needs, without building the full tensor. ``inplace=True`` allows overwriting fp32 ``logits``.
+        sampling needs, without building the full tensor. ``inplace=True`` allows overwriting fp32 ``logits``;
+        ``ids_in_vocab`` (all ids < vocab size) saves a device sync per step when the caller knows it.
         """
         scores = logits.float()
         if scores is logits and not inplace:
@@ -216,7 +219,9 @@ class FastBlipDecoder:
         vocab = scores.shape[-1]
         if cfg.repetition_penalty != 1.0:
             pen = cfg.repetition_penalty
-            if int(ids.max()) >= vocab:  # transformers ignores ids beyond the output vocabulary
+            if ids_in_vocab is None:
+                ids_in_vocab = int(ids.max()) < vocab
+            if not ids_in_vocab:  # transformers ignores ids beyond the output vocabulary
                 padded = F.pad(scores, (0, 1))
                 ids_c = ids.clamp(max=vocab)
                 g = padded.gather(1, ids_c)
@@ -270,7 +275,8 @@ class FastBlipDecoder:
     # ------------------------------------------------------------------ generate
 
     def prepare_prompt(self, prompt_ids: torch.Tensor, batch: int) -> torch.Tensor:
-        """Tokenizer output ([CLS] ... [SEP]) -> decoder prompt ([DEC] ...), as ``BlipForConditionalGeneration.generate``."""
+        """Tokenizer output ([CLS] ... [SEP]) -> decoder prompt ([DEC] ...), like BlipForConditionalGeneration.generate:
+        the first id becomes bos, the last one (the tokenizer's [SEP]) is dropped."""
         ids = torch.as_tensor(prompt_ids, dtype=torch.long)
         if ids.dim() == 1:
             ids = ids[None]
@@ -333,9 +339,11 @@ class FastBlipDecoder:
         scores_out: list[torch.Tensor] = []
         logits_buf = None
         logits = self._prefill(prompt, cross, cache_k, cache_v, groups).repeat_interleave(groups, dim=0)
+        ids_in_vocab = int(prompt.max()) < logits.shape[-1]  # sampled ids always are
         while True:
             scores = self.process_scores(ids[:, :cur], logits, cfg, self.eos_id,
-                                         candidates=not (output_scores or hf_rng), inplace=not output_scores)
+                                         candidates=not (output_scores or hf_rng), inplace=not output_scores,
+                                         ids_in_vocab=ids_in_vocab)
             if output_scores:
                 scores_out.append(scores)
             if cfg.do_sample:
