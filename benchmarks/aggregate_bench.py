@@ -34,6 +34,7 @@ def generate(run: str, rows: int, files: int) -> None:
     os.makedirs(scores, exist_ok=True)
     per_file = -(-rows // files)
     con = duckdb.connect()
+    con.execute("SET enable_progress_bar = false")
     con.execute(f"""
         COPY (
             SELECT md5(i::VARCHAR) AS uid, ('0x' || substr(md5(i::VARCHAR), 1, 16))::UBIGINT AS uid_hi,

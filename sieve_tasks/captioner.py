@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from sieve_tasks.fast_blip import FastBlipDecoder
 from sieve_tasks.models import Device, is_oom, materialize
 from sieve_tasks.settings import Settings
 from sieve_tasks.test_models import is_test_model, tiny_model_dir
@@ -43,6 +44,7 @@ class BlipCaptioner:
         self.model = BlipForConditionalGeneration.from_pretrained(path, dtype=device.dtype).to(device.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.prompt_ids = self.tokenizer(settings.prompt, return_tensors="pt").input_ids
+        self.fast = FastBlipDecoder(self.model) if settings.fast_decode else None
         self.oom_splits = 0
 
     def caption(self, pixel_values: torch.Tensor, seed: int) -> list[list[str]]:
@@ -62,23 +64,32 @@ class BlipCaptioner:
 
     def _generate(self, pixel_values: torch.Tensor, seed: int) -> list[list[str]]:
         s = self.settings
-        torch.manual_seed(seed)
         batch = pixel_values.shape[0]
-        with torch.inference_mode():
-            tokens = self.model.generate(
-                pixel_values=pixel_values.to(self.device.device, self.device.dtype),
-                input_ids=self.prompt_ids.repeat(batch, 1).to(self.device.device),
-                interpolate_pos_encoding=True,
-                do_sample=True,
-                top_p=s.top_p,
-                max_length=s.max_length,
-                min_length=s.min_length,
-                repetition_penalty=s.repetition_penalty,
-                num_return_sequences=s.num_captions,
-            )
+        if self.fast is not None:
+            tokens = self.fast.generate(pixel_values.to(self.device.device, self.device.dtype), self.prompt_ids, s,
+                                        seed=seed)
+        else:
+            torch.manual_seed(seed)
+            with torch.inference_mode():
+                tokens = self._reference_generate(pixel_values, batch)
         texts = [self.strip_prompt(t) for t in self.tokenizer.batch_decode(tokens, skip_special_tokens=True)]
         n = s.num_captions
         return [texts[i * n : (i + 1) * n] for i in range(batch)]
+
+    def _reference_generate(self, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
+        """transformers' own ``generate`` with SIEVE's settings (``fast_decode=False``)."""
+        s = self.settings
+        return self.model.generate(
+            pixel_values=pixel_values.to(self.device.device, self.device.dtype),
+            input_ids=self.prompt_ids.repeat(batch, 1).to(self.device.device),
+            interpolate_pos_encoding=True,
+            do_sample=True,
+            top_p=s.top_p,
+            max_length=s.max_length,
+            min_length=s.min_length,
+            repetition_penalty=s.repetition_penalty,
+            num_return_sequences=s.num_captions,
+        )
 
     def strip_prompt(self, text: str) -> str:
         prompt = self.settings.prompt.strip().lower()

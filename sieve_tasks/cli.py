@@ -27,6 +27,8 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.1)
     g.add_argument("--prompt", default="a picture of ")
     g.add_argument("--image-size", type=int, default=224)
+    g.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="our BLIP decoder (same distribution, ~2x faster on CPU) or transformers' generate")
     g.add_argument("--caption-batch-size", type=int, default=8, help="images per captioning batch")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="refuse larger images")

@@ -30,6 +30,7 @@ class Settings:
     max_length: int = 20
     repetition_penalty: float = 1.1
     prompt: str = "a picture of "
+    fast_decode: bool = True  # sieve_tasks.fast_blip.FastBlipDecoder instead of transformers' generate
     image_size: int = 224
     caption_batch_size: int = 8
     seed: int = 0

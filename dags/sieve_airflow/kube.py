@@ -27,7 +27,8 @@ CONFIG_KEYS = {
 # caption/embed fields that decide the stages' output (their stage_settings): a pod must see the same values
 STAGE_FIELDS = (
     "captioner", "captions", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty", "prompt",
-    "image_size", "seed", "max_pixels", "clip_from_metadata", "caption_batch_size", "text_encoder", "clip",
+    "image_size", "fast_decode", "seed", "max_pixels", "clip_from_metadata", "caption_batch_size", "text_encoder",
+    "clip",
     "mask_phrases", "mask_mode",
 )
 

@@ -36,6 +36,7 @@ STAGE_FLAGS = {
     "repetition_penalty": "--repetition-penalty",
     "prompt": "--prompt",
     "image_size": "--image-size",
+    "fast_decode": "--fast-decode",
     "caption_batch_size": "--caption-batch-size",
     "seed": "--seed",
     "max_pixels": "--max-pixels",
@@ -123,6 +124,9 @@ def stage_arguments(stage: str, input_spec: str, run: str, shard_ids: list[str],
     for field, flag in STAGE_FLAGS.items():
         value = settings.get(field)
         if value is None:
+            continue
+        if isinstance(value, bool):  # BooleanOptionalAction: --flag / --no-flag
+            args.append(flag if value else "--no-" + flag.removeprefix("--"))
             continue
         args += [flag, str(value)]
     if settings.get("overwrite"):

@@ -64,7 +64,7 @@ class CaptionStage(ShardStage):
     def stage_settings(self) -> dict[str, Any]:
         return self.settings.subset(
             "captioner", "captions", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty",
-            "prompt", "image_size", "seed", "max_pixels", "clip_from_metadata", "caption_batch_size",
+            "prompt", "image_size", "seed", "max_pixels", "clip_from_metadata", "caption_batch_size", "fast_decode",
         )
 
     @property

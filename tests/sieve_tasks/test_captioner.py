@@ -22,7 +22,8 @@ def test_eight_captions_per_image_reproducible_for_a_seed(captioner):
     assert captioner.caption(pixels, seed=12) != first
 
 
-def test_decoding_uses_the_official_settings(captioner, monkeypatch):
+def test_decoding_uses_the_official_settings(monkeypatch):
+    captioner = BlipCaptioner(TINY_BLIP, Device.choose("cpu"), Settings(profile="test", fast_decode=False))
     seen = {}
     original = captioner.model.generate
 
