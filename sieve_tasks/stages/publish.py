@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from sieve_tasks.test_models import is_test_model
 
 SUBSET_DTYPE = np.dtype("u8,u8")
 KEPT_COLUMNS = ("shard", "key", "url", "sieve_score", "sieve_mean", "clip_score", "best_caption")
-ROWS_PER_BATCH = 1 << 20
+ROWS_PER_BATCH = 1 << 18
 TEST_PROFILE_WARNING = (
     "TEST PROFILE: the captioner and CLIP are tiny randomly initialised models built offline; the scores "
     "and the kept set exercise the pipeline but mean nothing about data quality."
@@ -66,13 +67,13 @@ def _write_manifest_files(relation, run: str) -> int:
             storage.LocalStaging(manifest_uri(run, "subset.npy")) as npy_out, \
             tempfile.TemporaryFile() as body:
         with pq.ParquetWriter(parquet_out.path, kept_schema, compression="zstd") as writer:
-            for batch in _rebatch(reader, ROWS_PER_BATCH):
-                pairs = np.empty(batch.num_rows, SUBSET_DTYPE)
-                pairs["f0"] = batch.column("uid_hi").to_numpy()
-                pairs["f1"] = batch.column("uid_lo").to_numpy()
+            for table in _rebatch(reader, ROWS_PER_BATCH):
+                pairs = np.empty(table.num_rows, SUBSET_DTYPE)
+                pairs["f0"] = table.column("uid_hi").to_numpy()
+                pairs["f1"] = table.column("uid_lo").to_numpy()
                 body.write(pairs.tobytes())
-                writer.write_table(pa.Table.from_batches([batch]).select(kept_schema.names), row_group_size=ROWS_PER_BATCH)
-                kept += batch.num_rows
+                writer.write_table(table.select(kept_schema.names), row_group_size=ROWS_PER_BATCH)
+                kept += table.num_rows
         body.seek(0)
         with open(npy_out.path, "wb") as npy:
             npy_format.write_array_header_1_0(npy, {"descr": npy_format.dtype_to_descr(SUBSET_DTYPE),
@@ -81,23 +82,24 @@ def _write_manifest_files(relation, run: str) -> int:
     return kept
 
 
-def _rebatch(reader: pa.RecordBatchReader, size: int):
-    """Fixed-size batches whatever DuckDB's threads produced, so file layouts are reproducible."""
+def _rebatch(reader: pa.RecordBatchReader, size: int) -> Iterator[pa.Table]:
+    """Tables of exactly ``size`` rows (the last one shorter) whatever batches DuckDB's threads produced,
+    so row groups, and so the files, are reproducible. Slicing a table of batches copies nothing."""
     pending: list[pa.RecordBatch] = []
     count = 0
     for batch in reader:
-        if not pending and batch.num_rows == size:
-            yield batch
-            continue
         pending.append(batch)
         count += batch.num_rows
-        while count >= size:
+        if count >= size:
             table = pa.Table.from_batches(pending)
-            yield table.slice(0, size).combine_chunks().to_batches()[0]
-            rest = table.slice(size)
-            pending, count = rest.combine_chunks().to_batches(), rest.num_rows
+            offset = 0
+            while count - offset >= size:
+                yield table.slice(offset, size)
+                offset += size
+            pending = table.slice(offset).to_batches()
+            count -= offset
     if count:
-        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+        yield pa.Table.from_batches(pending, schema=reader.schema)
 
 
 def _stage_record(run: str, stage: str) -> tuple[dict[str, Any], float, dict[str, Any]]:
