@@ -4,7 +4,9 @@
 
 Baseline, as SIEVE's official code embeds: one `SentenceTransformer.encode` call per batch of samples
 (its alt-texts, then its 8 captions each), every text encoded as it comes. Ours: the embed stage's
-`TextEncoder.encode` over the whole shard at once — identical texts encoded once, one length-sorted pass.
+encoder over the whole shard at once — identical texts encoded once, one length-sorted pass — in fp32
+(sentence-transformers) and through the int8 ONNX route (`--text-encoder onnx-int8:all-MiniLM-L6-v2`),
+whose cosine deviation from fp32 is printed.
 Captions are drawn from a pool of distinct sentences; `--repeat-rate` is the share of captions that
 repeat an earlier one (BLIP's 8 samples of one image often coincide; real rates depend on the captioner,
 so the figure is printed for several rates). Same process, same machine; medians of repeated runs.
@@ -63,8 +65,16 @@ def baseline(model, alts, caps, batch: int) -> None:
         model.encode(flat, normalize_embeddings=True, batch_size=batch, show_progress_bar=False)
 
 
-def ours(encoder, alts, caps) -> None:
-    encoder.encode(alts + [c for row in caps for c in row])
+def ours(encoder, alts, caps):
+    return encoder.encode(alts + [c for row in caps for c in row])
+
+
+def cosines(vectors, samples: int):
+    """alt-text vs each of its 8 captions, as the score stage compares them."""
+    import numpy as np
+
+    alt, caps = vectors[:samples], vectors[samples:].reshape(samples, 8, -1)
+    return np.einsum("sd,scd->sc", alt, caps)
 
 
 def main() -> None:
@@ -76,25 +86,29 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from sieve_tasks.encoders import TextEncoder
+    from sieve_tasks.encoders import ONNX_INT8_MINILM, text_encoder
     from sieve_tasks.models import DEFAULT_TEXT_ENCODER, Device
 
-    encoder = TextEncoder(DEFAULT_TEXT_ENCODER, Device.choose("cpu"), args.batch)
+    encoder = text_encoder(DEFAULT_TEXT_ENCODER, Device.choose("cpu"), args.batch)
+    int8 = text_encoder(ONNX_INT8_MINILM, Device.choose("cpu"), args.batch)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; all-MiniLM-L6-v2 fp32 on CPU")
     for rate in args.repeat_rate:
         alts, caps = workload(args.samples, 8, rate)
         texts = args.samples * 9
-        times = {"baseline": [], "ours": []}
+        times = {"baseline": [], "ours": [], "int8": []}
+        outputs = {}
         for _ in range(args.repeats):
             for name, run in (("baseline", lambda: baseline(encoder.model, alts, caps, args.batch)),
-                              ("ours", lambda: ours(encoder, alts, caps))):
+                              ("ours", lambda: ours(encoder, alts, caps)), ("int8", lambda: ours(int8, alts, caps))):
                 started = time.perf_counter()
-                run()
+                outputs[name] = run()
                 times[name].append(time.perf_counter() - started)
-        base, mine = (texts / statistics.median(times[k]) for k in ("baseline", "ours"))
-        print(f"repeat rate {rate:.1f}: baseline {base:7.0f} sentences/s   ours {mine:7.0f} sentences/s   "
-              f"ratio {mine / base:.2f}x   ({texts} sentences, median of {args.repeats})")
+        base, mine, quant = (texts / statistics.median(times[k]) for k in ("baseline", "ours", "int8"))
+        deviation = abs(cosines(outputs["ours"], args.samples) - cosines(outputs["int8"], args.samples))
+        print(f"repeat rate {rate:.1f}: baseline {base:6.0f}/s   ours fp32 {mine:6.0f}/s ({mine / base:.2f}x)   "
+              f"ours int8 ONNX {quant:6.0f}/s ({quant / base:.2f}x; |cosine - fp32| mean {deviation.mean():.4f}, "
+              f"max {deviation.max():.4f})   [{texts} sentences, median of {args.repeats}]")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+
+from sieve_tasks.encoders import ONNX_INT8_MINILM, open_clip_name, text_encoder
+from sieve_tasks.models import DEFAULT_TEXT_ENCODER, Device
+
+TEXTS = ["a dog running on the beach", "a cat", "a red car in a city street", "", "a dog running on the beach",
+         "two people riding bicycles", "Un gato durmiendo en el sofá"]
+
+
+@pytest.fixture(scope="module")
+def fp32():
+    return text_encoder(DEFAULT_TEXT_ENCODER, Device.choose("cpu"), 4)
+
+
+def test_identical_texts_share_one_vector_and_order_is_kept(fp32):
+    vectors = fp32.encode(TEXTS)
+    assert vectors.shape == (len(TEXTS), 384) and vectors.dtype == np.float32
+    np.testing.assert_array_equal(vectors[0], vectors[4])
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    single = fp32.model.encode([TEXTS[2]], normalize_embeddings=True)[0]
+    np.testing.assert_allclose(vectors[2], single, atol=1e-5)
+
+
+def test_int8_onnx_route_stays_close_to_fp32(fp32):
+    reference, quantised = fp32.encode(TEXTS), text_encoder(ONNX_INT8_MINILM, Device.choose("cpu"), 3).encode(TEXTS)
+    assert np.abs(reference @ reference.T - quantised @ quantised.T).max() < 0.03
+
+
+def test_clip_references():
+    assert open_clip_name("ViT-B-32:openai") == ("ViT-B-32", "openai")
+    assert open_clip_name("ViT-L-14:/models/l14.safetensors") == ("ViT-L-14", "/models/l14.safetensors")
+    with pytest.raises(ValueError, match="NAME:PRETRAINED"):
+        open_clip_name("ViT-B-32")
