@@ -103,3 +103,30 @@ def test_console_script_is_installed():
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "sieve"), "--help"],
                             capture_output=True, text=True)
     assert result.returncode == 0 and "make-sample" in result.stdout
+
+
+def test_clip_from_datacomp_metadata_needs_no_clip_model(sample_pool, tmp_path, monkeypatch):
+    """With --clip-from-metadata the shard parquet's clip_b32_similarity_score is the CLIP score."""
+    import shutil
+
+    import pyarrow as pa
+
+    pool = tmp_path / "pool"
+    shutil.copytree(sample_pool, pool)
+    for shard in ("00000000", "00000001"):
+        table = pq.read_table(pool / f"{shard}.parquet")
+        scores = [0.1 + 0.01 * i for i in range(table.num_rows)]
+        pq.write_table(table.append_column("clip_b32_similarity_score", pa.array(scores)), pool / f"{shard}.parquet")
+    run = tmp_path / "run"
+
+    def no_clip(*args, **kwargs):
+        raise AssertionError("CLIP must not be loaded when its scores come from the metadata")
+
+    monkeypatch.setattr("sieve_tasks.encoders.ClipEncoder.__init__", no_clip)
+    assert main(["run", str(pool), str(run), "--profile", "test", "--clip-from-metadata", "b32", "--score", "clip",
+                 "--no-progress"]) == 0
+    metadata = {r["uid"]: r["clip_b32_similarity_score"]
+                for s in ("00000000", "00000001") for r in pq.read_table(pool / f"{s}.parquet").to_pylist()}
+    scored = [r for r in pq.read_table(run / "scores").to_pylist() if r["status"] == "ok"]
+    assert scored and all(r["clip_score"] == metadata[r["uid"]] for r in scored)
+    assert _summary(str(run))["thresholds"]["score"] == "clip"
