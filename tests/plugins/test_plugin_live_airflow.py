@@ -83,7 +83,7 @@ def live_airflow(tmp_path_factory):
             time.sleep(1)
         token = httpx.post(f"{base}/auth/token", json={"username": "admin", "password": PASSWORD},
                            timeout=10).json()["access_token"]
-        yield {"base": base, "token": token, "home": home, "logs": lambda: tail_logs(processes)}
+        yield {"base": base, "token": token, "home": home, "env": env, "logs": lambda: tail_logs(processes)}
     finally:
         for process, _ in processes:
             if process.poll() is None:
@@ -153,3 +153,51 @@ def test_trigger_by_rest_api_and_read_the_summary_over_http(live_airflow, demo_p
     summary = api.get("/sieve/api/run", params={"uri": str(run_dir)}).json()["summary"]
     assert summary == json.loads((run_dir / "manifest" / "summary.json").read_text())
     assert httpx.get(f"{base}/sieve/api/run", params={"uri": str(run_dir)}).status_code == 401
+
+
+def test_backfill_create_of_two_days_one_empty(live_airflow, demo_pool, tmp_path):
+    """`airflow backfill create` over two days of sieve_refilter: the day with shards succeeds and keeps the
+    reference run's bar; the empty day ends with its tasks skipped, not failed."""
+    import shutil
+
+    import httpx
+
+    from sieve_tasks.runner import run_all
+    from sieve_tasks.settings import Settings
+
+    base, logs = live_airflow["base"], live_airflow["logs"]
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {live_airflow['token']}"}, timeout=30)
+    reference = tmp_path / "reference"
+    run_all(demo_pool, str(reference), Settings(profile="test"), progress=False)
+    crawl = tmp_path / "crawls"
+    shutil.copytree(demo_pool, crawl / "crawl" / "2026-01-01")
+    (crawl / "crawl" / "2026-01-02").mkdir(parents=True)
+
+    deadline = time.monotonic() + 120
+    while api.get("/api/v2/dags/sieve_refilter").status_code != 200:
+        assert time.monotonic() < deadline, "sieve_refilter never appeared:\n" + logs()
+        time.sleep(2)
+    conf = {"crawl_base": str(crawl), "thresholds_from": str(reference), "profile": "test"}
+    created = subprocess.run([str(VENV_BIN / "airflow"), "backfill", "create", "--dag-id", "sieve_refilter",
+                              "--from-date", "2026-01-01", "--to-date", "2026-01-02", "--dag-run-conf",
+                              json.dumps(conf)], env=live_airflow["env"], capture_output=True, text=True)
+    assert created.returncode == 0, created.stdout + created.stderr
+
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        runs = [r for r in api.get("/api/v2/dags/sieve_refilter/dagRuns").json()["dag_runs"]
+                if r["run_type"] == "backfill"]
+        if len(runs) == 2 and all(r["state"] in ("success", "failed") for r in runs):
+            break
+        assert time.monotonic() < deadline, f"backfill still running: {runs}\n" + logs()
+        time.sleep(3)
+    by_day = {r["logical_date"][:10]: r for r in runs}
+    assert {day: r["state"] for day, r in by_day.items()} == {"2026-01-01": "success", "2026-01-02": "success"}
+
+    def task_states(run):
+        tis = api.get(f"/api/v2/dags/sieve_refilter/dagRuns/{quote(run['dag_run_id'], safe='')}/taskInstances")
+        return {t["task_id"]: t["state"] for t in tis.json()["task_instances"]}
+
+    full, empty = task_states(by_day["2026-01-01"]), task_states(by_day["2026-01-02"])
+    assert full["publish"] == "success", full
+    assert set(empty.values()) == {"skipped"}, empty
