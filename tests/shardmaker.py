@@ -8,7 +8,6 @@ import json
 import tarfile
 from dataclasses import dataclass, field
 
-import numpy as np
 from PIL import Image
 
 
@@ -77,9 +76,3 @@ class ShardBuilder:
     def write(self, path) -> None:
         path.write_bytes(self.tar_bytes())
 
-
-def random_photo_bytes(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (240, 320, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-    return buffer.getvalue()
