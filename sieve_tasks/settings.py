@@ -14,6 +14,14 @@ from sieve_tasks.test_models import TINY_BLIP, TINY_CLIP
 
 PROFILES = ("default", "test")
 SCORES = ("sieve", "clip", "fused")
+# The settings that change each per-shard stage's output (its completion-marker fingerprint); the Airflow
+# pod check uses them too, to prove a pod receives every one of them.
+CAPTION_SETTINGS = (
+    "captioner", "captions", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty", "prompt",
+    "image_size", "seed", "max_pixels", "clip_from_metadata", "caption_batch_size", "fast_decode",
+)
+EMBED_SETTINGS = ("text_encoder", "clip", "clip_from_metadata", "mask_phrases", "mask_mode", "max_pixels")
+SCORE_SETTINGS = ("mask_phrases", "mask_mode", "clip_from_metadata")
 DEFAULT_FRACTION = 0.2  # SIEVE's example: keep the top 20 %
 METADATA_CLIP_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
 

@@ -24,13 +24,6 @@ CONFIG_KEYS = {
     "image", "image_pull_policy", "namespace", "kubernetes_conn_id", "service_account_name", "gpus",
     "resources", "node_selector", "tolerations", "env", "env_from_secrets", "labels", "startup_timeout_seconds",
 }
-# caption/embed fields that decide the stages' output (their stage_settings): a pod must see the same values
-STAGE_FIELDS = (
-    "captioner", "captions", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty", "prompt",
-    "image_size", "fast_decode", "seed", "max_pixels", "clip_from_metadata", "caption_batch_size", "text_encoder",
-    "clip",
-    "mask_phrases", "mask_mode",
-)
 
 
 def load_kubernetes_config(override: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -57,9 +50,11 @@ def load_kubernetes_config(override: dict[str, Any] | None = None) -> dict[str, 
 def check_cli_roundtrip(arguments: list[str], settings: dict[str, Any]) -> None:
     """Parse the pod's args with the real ``sieve`` parser: the pod must get the stage settings we intend."""
     from sieve_tasks.cli import build_parser, settings_from_args
+    from sieve_tasks.settings import CAPTION_SETTINGS, EMBED_SETTINGS
 
     parsed = settings_from_args(build_parser().parse_args(arguments)).to_dict()
-    differ = {f: (settings.get(f), parsed.get(f)) for f in STAGE_FIELDS if settings.get(f) != parsed.get(f)}
+    fields = dict.fromkeys(CAPTION_SETTINGS + EMBED_SETTINGS)  # what the pod's stages fingerprint
+    differ = {f: (settings.get(f), parsed.get(f)) for f in fields if settings.get(f) != parsed.get(f)}
     if differ:
         raise ValueError(f"these settings cannot be passed to a pod through the sieve CLI: {differ}")
 

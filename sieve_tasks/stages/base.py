@@ -32,14 +32,14 @@ class ShardStage(ABC):
 
     name: str
     upstream: str | None = None
+    settings_names: tuple[str, ...]  # the settings that change this stage's output
 
     def __init__(self, run: str, settings: Settings):
         self.run = run
         self.settings = settings
 
-    @abstractmethod
     def stage_settings(self) -> dict[str, Any]:
-        """The settings that change this stage's output."""
+        return self.settings.subset(*self.settings_names)
 
     @abstractmethod
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
@@ -55,16 +55,18 @@ class ShardStage(ABC):
         upstream = None
         if self.upstream is not None:
             marker = marker_uri(self.run, self.upstream, shard_id)
-            if not storage.exists(marker):
-                raise RuntimeError(f"shard {shard_id}: the {self.upstream} stage has not completed ({marker} missing)")
-            upstream = storage.read_json(marker)["fingerprint"]
+            try:
+                upstream = storage.read_json(marker)["fingerprint"]
+            except FileNotFoundError:
+                raise RuntimeError(f"shard {shard_id}: the {self.upstream} stage has not completed ({marker} missing)"
+                                   ) from None
         return fingerprint({"stage": self.name, "settings": self.stage_settings(), "upstream": upstream})
 
     def completed(self, shard_id: str, expected: str) -> dict[str, Any] | None:
-        marker = self.marker_uri(shard_id)
-        if not storage.exists(marker):
+        try:
+            done = storage.read_json(self.marker_uri(shard_id))
+        except FileNotFoundError:
             return None
-        done = storage.read_json(marker)
         if done.get("fingerprint") != expected:
             log.info("%s %s: settings changed since the last run, recomputing", self.name, shard_id)
             return None

@@ -15,7 +15,7 @@ import torch
 
 from sieve_tasks import storage
 from sieve_tasks.models import Device
-from sieve_tasks.settings import METADATA_CLIP_COLUMNS, Settings
+from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
 from sieve_tasks.shards import SampleError, Sample, Shard, decode_image, read_samples
 from sieve_tasks.stages.base import ShardStage
 
@@ -52,6 +52,7 @@ class Prepared:
 
 class CaptionStage(ShardStage):
     name = "captions"
+    settings_names = CAPTION_SETTINGS
 
     def __init__(self, run: str, settings: Settings):
         super().__init__(run, settings)
@@ -61,11 +62,6 @@ class CaptionStage(ShardStage):
 
         self._transform = clip_style_transform(settings.image_size)
 
-    def stage_settings(self) -> dict[str, Any]:
-        return self.settings.subset(
-            "captioner", "captions", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty",
-            "prompt", "image_size", "seed", "max_pixels", "clip_from_metadata", "caption_batch_size", "fast_decode",
-        )
 
     @property
     def captioner(self):

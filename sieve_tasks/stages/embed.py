@@ -13,7 +13,7 @@ import torch
 from sieve_tasks import storage
 from sieve_tasks.masking import make_masker
 from sieve_tasks.models import Device
-from sieve_tasks.settings import Settings
+from sieve_tasks.settings import EMBED_SETTINGS, Settings
 from sieve_tasks.shards import SampleError, Shard, decode_image, read_samples
 from sieve_tasks.stages.base import ShardStage
 from sieve_tasks.stages.caption import prefetch_map
@@ -29,6 +29,7 @@ EMBEDDINGS_SCHEMA = pa.schema([
 class EmbedStage(ShardStage):
     name = "embeddings"
     upstream = "captions"
+    settings_names = EMBED_SETTINGS
 
     def __init__(self, run: str, settings: Settings):
         super().__init__(run, settings)
@@ -36,9 +37,6 @@ class EmbedStage(ShardStage):
         self._text_encoder = None
         self._clip = None
 
-    def stage_settings(self) -> dict[str, Any]:
-        return self.settings.subset("text_encoder", "clip", "clip_from_metadata", "mask_phrases", "mask_mode",
-                                    "max_pixels")
 
     @property
     def computes_clip(self) -> bool:

@@ -11,6 +11,7 @@ import pyarrow as pa
 
 from sieve_tasks import storage
 from sieve_tasks.masking import make_masker
+from sieve_tasks.settings import SCORE_SETTINGS
 from sieve_tasks.shards import Shard
 from sieve_tasks.stages.base import ShardStage
 
@@ -61,9 +62,8 @@ def basic_filter_features(text: str, width: int, height: int) -> dict[str, Any]:
 class ScoreStage(ShardStage):
     name = "scores"
     upstream = "embeddings"
+    settings_names = SCORE_SETTINGS
 
-    def stage_settings(self) -> dict[str, Any]:
-        return self.settings.subset("mask_phrases", "mask_mode", "clip_from_metadata")
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
         mask = make_masker(self.settings.mask_phrases, self.settings.mask_mode)
