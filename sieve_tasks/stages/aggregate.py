@@ -2,8 +2,9 @@
 
 The pool is never loaded into Python memory and never fully sorted: counts and min/max come from one
 scan, duplicate uids from sorting the uids' first 64 bits in bounded partitions, and the fraction
-threshold from a histogram scan followed by an exact look inside the one bin that holds the cut. DuckDB runs under a memory limit
-(``SIEVE_DUCKDB_MEMORY``, default 1GB) and spills, so 100M+ rows fit a small machine. Values coming from
+threshold from a histogram scan followed by an exact look inside the one bin that holds the cut. DuckDB
+runs under a memory limit (``SIEVE_DUCKDB_MEMORY``, default 1GB) and spills, so 100M+ rows fit a small
+machine. Values coming from
 the user are bound parameters, never SQL text; score columns come from a fixed list.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 from sieve_tasks import storage
 from sieve_tasks.pool import pool_shards
 from sieve_tasks.settings import Settings, fingerprint
+from sieve_tasks.shards import Shard
 from sieve_tasks.stages.base import marker_uri
 
 SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
@@ -47,15 +49,18 @@ def connect(run: str) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def score_files(run: str) -> tuple[list[str], list[str]]:
-    """Every shard's score file and marker fingerprint; an error naming the shards not scored yet."""
-    shards = pool_shards(run)
-    missing = [s.shard_id for s in shards if not storage.exists(marker_uri(run, "scores", s.shard_id))]
+def score_files(run: str, shards: list[Shard]) -> tuple[list[str], list[dict[str, Any]]]:
+    """Every shard's score file and completion marker (each read once); an error naming the shards not
+    scored yet."""
+    markers, missing = [], []
+    for shard in shards:
+        try:
+            markers.append(storage.read_json(marker_uri(run, "scores", shard.shard_id)))
+        except FileNotFoundError:
+            missing.append(shard.shard_id)
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(shards)} shards have no scores yet: {missing[:10]}")
-    files = [storage.join(run, "scores", f"{s.shard_id}.parquet") for s in shards]
-    prints = [storage.read_json(marker_uri(run, "scores", s.shard_id))["fingerprint"] for s in shards]
-    return files, prints
+    return [storage.join(run, "scores", f"{s.shard_id}.parquet") for s in shards], markers
 
 
 def define_views(con: duckdb.DuckDBPyConnection, files: list[str], duplicates: str | None = None) -> None:
@@ -135,7 +140,8 @@ def candidate_filter(selection: dict[str, Any]) -> str:
 
 def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     """Compute counts, min/max and the keep threshold for the whole pool; skip when already done."""
-    files, prints = score_files(run)
+    files, markers = score_files(run, pool_shards(run))
+    prints = [marker["fingerprint"] for marker in markers]
     request = settings.subset("score", "weights", "fraction", "threshold", "thresholds_from", "basic_filter")
     if settings.thresholds_from is not None:
         request["reference"] = storage.read_json(thresholds_uri(settings.thresholds_from))["selection"]

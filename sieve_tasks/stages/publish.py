@@ -36,7 +36,8 @@ def publish(run: str) -> dict[str, Any]:
     """Write the manifest of an aggregated run and return its summary."""
     thresholds = storage.read_json(thresholds_uri(run))
     selection = thresholds["selection"]
-    files, _ = score_files(run)
+    shards = pool_shards(run)
+    files, score_markers = score_files(run, shards)
     con = connect(run)
     define_views(con, files, thresholds["duplicates_file"])
     expression, params = score_expression(selection)
@@ -48,7 +49,10 @@ def publish(run: str) -> dict[str, Any]:
         ORDER BY uid_hi, uid_lo
     """
     kept = _write_manifest_files(con.sql(query, params=params + params + [selection["threshold"]]), run)
-    summary = _summary(run, thresholds, kept)
+    markers = {"captions": [storage.read_json(marker_uri(run, "captions", s.shard_id)) for s in shards],
+               "embeddings": [storage.read_json(marker_uri(run, "embeddings", s.shard_id)) for s in shards],
+               "scores": score_markers}
+    summary = _summary(run, thresholds, kept, markers)
     storage.write_json_atomic(manifest_uri(run, "summary.json"), summary)
     storage.write_json_atomic(manifest_uri(run, "_SUCCESS"), {"kept": kept, "fingerprint": thresholds["fingerprint"]})
     return summary
@@ -102,18 +106,18 @@ def _rebatch(reader: pa.RecordBatchReader, size: int) -> Iterator[pa.Table]:
         yield pa.Table.from_batches(pending, schema=reader.schema)
 
 
-def _stage_record(run: str, stage: str) -> tuple[dict[str, Any], float, dict[str, Any]]:
-    """(settings, total seconds, extra facts) of a per-shard stage, read from its completion markers."""
-    markers = [storage.read_json(marker_uri(run, stage, s.shard_id)) for s in pool_shards(run)]
+def _stage_record(markers: list[dict[str, Any]]) -> tuple[dict[str, Any], float, dict[str, Any]]:
+    """(settings, total seconds, extra facts) of a per-shard stage, from its completion markers."""
     facts = {key: sum(m.get(key, 0) or 0 for m in markers) for key in ("captioned", "provided", "oom_splits")
              if any(key in m for m in markers)}
     return markers[0]["settings"], round(sum(m["seconds"] for m in markers), 3), facts
 
 
-def _summary(run: str, thresholds: dict[str, Any], kept: int) -> dict[str, Any]:
-    captions, caption_s, caption_facts = _stage_record(run, "captions")
-    embeddings, embed_s, _ = _stage_record(run, "embeddings")
-    scores, score_s, _ = _stage_record(run, "scores")
+def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str, list[dict[str, Any]]]
+             ) -> dict[str, Any]:
+    captions, caption_s, caption_facts = _stage_record(markers["captions"])
+    embeddings, embed_s, _ = _stage_record(markers["embeddings"])
+    scores, score_s, _ = _stage_record(markers["scores"])
     counts = {**thresholds["counts"], "kept": kept}
     test_profile = is_test_model(captions["captioner"]) or is_test_model(embeddings["clip"])
     unique = counts["scored"] - counts["duplicates"]
@@ -132,5 +136,5 @@ def _summary(run: str, thresholds: dict[str, Any], kept: int) -> dict[str, Any]:
         "timings_seconds": {"caption": caption_s, "embed": embed_s, "score": score_s,
                             "aggregate": thresholds["seconds"]},
         "manifest": {name: manifest_uri(run, name) for name in ("subset.npy", "kept.parquet", "summary.json")},
-        "shards": len(pool_shards(run)),
+        "shards": len(markers["scores"]),
     }
