@@ -9,11 +9,16 @@ image, top_p 0.9, min_length 5, max_length 20, repetition_penalty 1.1, prompt "a
 alternate within each repeat (same process, same machine) so that load from other processes hits both; medians,
 min/max and per-repeat (paired) ratios are printed. Also checks that with ``hf_rng=True`` the fast path reproduces
 transformers' captions token for token for the same seed.
+
+``--int8`` (on by default on CPU) also times the fast path with int8 linear layers (``sieve --int8``) and measures how
+far its sampling distribution is from fp32: the total variation distance of the next-token distribution (after
+repetition penalty, min length, top-k and top-p), teacher-forced along the fp32 captions.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -25,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sieve_tasks.fast_blip import DecodeConfig, FastBlipDecoder  # noqa: E402
+from sieve_tasks.fast_blip import DecodeConfig, FastBlipDecoder, next_token_distributions  # noqa: E402
+from sieve_tasks.int8 import quantize_linears  # noqa: E402
 from sieve_tasks.settings import Settings  # noqa: E402
 
 # bert-base-uncased ids of "a picture of " as SIEVE's tokenizer returns them: [CLS] a picture of [SEP]
@@ -52,6 +58,8 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true", help="time only the fast path")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
+                    help="also time the int8 fast path (default: on for CPU)")
     args = ap.parse_args()
 
     import transformers
@@ -70,6 +78,11 @@ def main() -> None:
     model = BlipForConditionalGeneration(BlipConfig()).eval().to(device, dtype)
     print(f"built BlipConfig() model with random weights in {time.perf_counter() - t0:.1f}s")
     fast = FastBlipDecoder(model)
+    with_int8 = device.type == "cpu" if args.int8 is None else args.int8
+    if with_int8:
+        int8_model = copy.deepcopy(model)
+        quantize_linears(int8_model)
+        fast_int8 = FastBlipDecoder(int8_model)
     settings = Settings()
     cfg = DecodeConfig.from_settings(settings)
     gen = torch.Generator().manual_seed(args.seed)
@@ -93,11 +106,11 @@ def main() -> None:
                 ))
         return out
 
-    def run_fast(seed: int) -> list[torch.Tensor]:
+    def run_fast(seed: int, decoder: FastBlipDecoder = fast) -> list[torch.Tensor]:
         out = []
         for i, px in enumerate(batches):
             torch.manual_seed(seed + i)  # same global-RNG draws as transformers
-            out.append(fast.generate(px, PROMPT_IDS, cfg))
+            out.append(decoder.generate(px, PROMPT_IDS, cfg))
         return out
 
     def timed(fn, seed):
@@ -111,12 +124,14 @@ def main() -> None:
     small = batches[0][:2]
     with torch.inference_mode():
         fast.generate(small, PROMPT_IDS, cfg, seed=0)
+        if with_int8:
+            fast_int8.generate(small, PROMPT_IDS, cfg, seed=0)
         if not args.skip_baseline:
             model.generate(pixel_values=small, input_ids=PROMPT_IDS.repeat(2, 1).to(device),
                            interpolate_pos_encoding=True, do_sample=True, top_p=0.9, max_length=20, min_length=5,
                            repetition_penalty=1.1, num_return_sequences=8)
 
-    hf_times, fast_times, first_hf = [], [], None
+    hf_times, fast_times, int8_times, first_hf = [], [], [], None
     for r in range(args.repeats):
         seed = args.seed + 1000 * r
         line = f"repeat {r + 1}: "
@@ -128,6 +143,10 @@ def main() -> None:
         t_fast, _ = timed(run_fast, seed)
         fast_times.append(t_fast)
         line += f"fast {args.images / t_fast:.3f} img/s ({t_fast:.1f}s)"
+        if with_int8:
+            t_int8, _ = timed(lambda s: run_fast(s, fast_int8), seed)
+            int8_times.append(t_int8)
+            line += f"; fast int8 {args.images / t_int8:.3f} img/s ({t_int8:.1f}s)"
         if hf_times:
             line += f"; ratio {hf_times[-1] / t_fast:.2f}x"
         print(line, flush=True)
@@ -148,6 +167,24 @@ def main() -> None:
               f"(min {min(hf_ips):.3f}, max {max(hf_ips):.3f})")
     print(f"fast (FastBlipDecoder):           median {statistics.median(fast_ips):.3f} img/s "
           f"(min {min(fast_ips):.3f}, max {max(fast_ips):.3f})")
+    if int8_times:
+        int8_ips = [args.images / t for t in int8_times]
+        print(f"fast int8 (--int8):               median {statistics.median(int8_ips):.3f} img/s "
+              f"(min {min(int8_ips):.3f}, max {max(int8_ips):.3f})")
+        if hf_times:
+            print(f"int8 speed-up: ratio of medians {statistics.median(int8_ips) / statistics.median(hf_ips):.2f}x; "
+                  f"median of paired per-repeat ratios "
+                  f"{statistics.median([h / q for h, q in zip(hf_times, int8_times)]):.2f}x")
+        px = batches[0]
+        tokens = fast.generate(px, PROMPT_IDS, cfg, seed=args.seed)
+        plen = fast.prepare_prompt(PROMPT_IDS, len(px)).shape[1]
+        reference, live = next_token_distributions(model, px, tokens, plen, cfg)
+        quantised, _ = next_token_distributions(int8_model, px, tokens, plen, cfg)
+        variation = (0.5 * (reference - quantised).abs().sum(-1))[live]
+        top1 = (reference.argmax(-1) == quantised.argmax(-1))[live].float().mean()
+        print(f"int8 vs fp32 sampling distribution along {int(live.sum())} fp32 caption steps: total variation "
+              f"mean {float(variation.mean()):.4f}, max {float(variation.max()):.4f}; most likely token equal at "
+              f"{100 * float(top1):.1f} % of steps")
     if hf_times:
         paired = [h / f for h, f in zip(hf_times, fast_times)]
         print(f"speed-up: ratio of medians {statistics.median(fast_ips) / statistics.median(hf_ips):.2f}x; "
@@ -159,7 +196,7 @@ def main() -> None:
         same = int((ours == first_hf).all(1).sum()) if ours.shape == first_hf.shape else 0
         print(f"hf_rng check: {same}/{len(first_hf)} captions token-identical to transformers' for the same seed "
               f"(the default sampler draws other random numbers from the same distribution)")
-    for name, times in (("baseline", hf_times), ("fast", fast_times)):
+    for name, times in (("baseline", hf_times), ("fast", fast_times), ("fast int8", int8_times)):
         if len(times) > 1 and (max(times) - min(times)) / statistics.median(times) > 0.1:
             print(f"note: {name} runs spread {100 * (max(times) - min(times)) / statistics.median(times):.0f} % "
                   f"around the median: other load on the machine (load average now {os.getloadavg()[0]:.2f})")

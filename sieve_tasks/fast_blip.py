@@ -82,8 +82,10 @@ def _ln(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
-def _lin(x: torch.Tensor, lin: torch.nn.Linear) -> torch.Tensor:
-    return F.linear(x, lin.weight, lin.bias)
+def _lin(x: torch.Tensor, lin: torch.nn.Module) -> torch.Tensor:
+    if isinstance(lin, torch.nn.Linear):
+        return F.linear(x, lin.weight, lin.bias)
+    return lin(x)  # sieve_tasks.int8.Int8Linear
 
 
 class FastBlipDecoder:
@@ -165,7 +167,7 @@ class FastBlipDecoder:
 
     def _logits(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         h = _ln(self.head_act(_lin(x, self.head_dense)), self.head_ln)
-        if out is None:
+        if out is None or not isinstance(self.head_out, torch.nn.Linear):
             return _lin(h, self.head_out)
         # reuse one (rows, vocab) buffer across steps: on CPU a fresh ~8 MB tensor per step costs page faults
         return torch.addmm(self.head_out.bias, h, self.head_out.weight.t(), out=out)
@@ -357,9 +359,28 @@ class FastBlipDecoder:
             if cur >= cfg.max_length or not bool(unfinished.any()):
                 break
             bias[:, cur - 1] = 0
-            if logits_buf is None and self.head_out.weight.dtype == torch.float32:
+            if logits_buf is None and self.dtype == torch.float32:
                 logits_buf = torch.empty((rows, self.head_out.out_features), device=self.device)
             pos = torch.tensor([cur - 1], device=self.device)
             logits = self._step(nxt, pos, cross, cache_k, cache_v, bias, logits_buf)
         tokens = ids[:, :cur].contiguous()
         return (tokens, tuple(scores_out)) if output_scores else tokens
+
+
+@torch.inference_mode()
+def next_token_distributions(model: torch.nn.Module, pixel_values: torch.Tensor, tokens: torch.Tensor,
+                             prompt_length: int, cfg: DecodeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling distribution of every generated position of ``tokens`` (teacher-forced through ``model``'s own
+    forward, processed like transformers), to compare two models along the same captions (e.g. fp32 vs int8).
+
+    Returns probabilities (rows, steps, vocab) and a (rows, steps) mask of the positions still being decoded.
+    """
+    text = model.text_decoder.config
+    images = pixel_values.repeat_interleave(tokens.shape[0] // pixel_values.shape[0], dim=0)
+    logits = model(pixel_values=images, input_ids=tokens, interpolate_pos_encoding=True).logits
+    probs, live = [], []
+    for t in range(prompt_length, tokens.shape[1]):
+        scores = FastBlipDecoder.process_scores(tokens[:, :t], logits[:, t - 1], cfg, int(text.sep_token_id))
+        probs.append(scores.softmax(-1))
+        live.append(~(tokens[:, prompt_length:t] == int(text.sep_token_id)).any(1))
+    return torch.stack(probs, 1), torch.stack(live, 1)

@@ -54,6 +54,9 @@ def model_params(*, section: str = "Models") -> dict[str, Param]:
                               title="Captions per image"),
         "caption_batch_size": Param(8, type="integer", minimum=1, maximum=1024, section=section,
                                     title="Caption batch size", description="Images per captioning batch."),
+        "int8": Param(False, type="boolean", section=section, title="int8 on CPU",
+                      description="int8 linear layers in captioner and sentence encoder: faster on CPU, "
+                      "scores move slightly. Local mode only (GPU pods refuse it)."),
         "overwrite": Param(False, type="boolean", section=section, title="Overwrite",
                            description="Recompute outputs that already exist (normally finished shards are skipped)."),
     }

@@ -15,6 +15,7 @@ SETTINGS_PARAMS = {
     "clip": "clip",
     "num_captions": "num_captions",
     "caption_batch_size": "caption_batch_size",
+    "int8": "int8",
     "score": "score",
     "weights": "weights",
     "fraction": "fraction",
@@ -49,6 +50,7 @@ STAGE_FLAGS = {
     "embed_batch_size": "--embed-batch-size",
     "device": "--device",
     "dtype": "--dtype",
+    "int8": "--int8",
 }
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

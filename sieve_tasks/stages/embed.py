@@ -48,9 +48,10 @@ class EmbedStage(ShardStage):
     @property
     def text_encoder(self):
         if self._text_encoder is None:
-            from sieve_tasks.encoders import text_encoder
+            from sieve_tasks.encoders import TextEncoder
 
-            self._text_encoder = text_encoder(self.settings.text_encoder, self.device(), self.settings.embed_batch_size)
+            self._text_encoder = TextEncoder(self.settings.text_encoder, self.device(), self.settings.embed_batch_size,
+                                             int8=self.settings.int8)
         return self._text_encoder
 
     @property

@@ -130,3 +130,18 @@ def test_clip_from_datacomp_metadata_needs_no_clip_model(sample_pool, tmp_path, 
     scored = [r for r in pq.read_table(run / "scores").to_pylist() if r["status"] == "ok"]
     assert scored and all(r["clip_score"] == metadata[r["uid"]] for r in scored)
     assert _summary(str(run))["thresholds"]["score"] == "clip"
+
+
+def test_int8_run_is_recorded_and_recomputes_the_model_stages(test_profile_run, sample_pool, tmp_path):
+    """--int8 is part of the caption and embed fingerprints: an fp32 run's shards are not reused for it."""
+    import shutil
+
+    run = str(tmp_path / "run")
+    shutil.copytree(test_profile_run, run)
+    assert main(["run", sample_pool, run, "--profile", "test", "--fraction", "0.3", "--int8", "--no-progress"]) == 0
+    summary = _summary(run)
+    assert summary["settings"]["captions"]["int8"] is True and summary["settings"]["embeddings"]["int8"] is True
+    fp32 = pq.read_table(os.path.join(test_profile_run, "embeddings", "00000000.parquet")).column(
+        "caption_embeddings").to_pylist()
+    int8 = pq.read_table(os.path.join(run, "embeddings", "00000000.parquet")).column("caption_embeddings").to_pylist()
+    assert fp32 != int8

@@ -1,7 +1,9 @@
 import numpy as np
+import torch
 import pytest
 
-from sieve_tasks.encoders import ONNX_INT8_MINILM, open_clip_name, text_encoder
+from sieve_tasks.encoders import TextEncoder, open_clip_name
+from sieve_tasks.int8 import Int8Linear
 from sieve_tasks.models import DEFAULT_TEXT_ENCODER, Device
 
 TEXTS = ["a dog running on the beach", "a cat", "a red car in a city street", "", "a dog running on the beach",
@@ -10,7 +12,7 @@ TEXTS = ["a dog running on the beach", "a cat", "a red car in a city street", ""
 
 @pytest.fixture(scope="module")
 def fp32():
-    return text_encoder(DEFAULT_TEXT_ENCODER, Device.choose("cpu"), 4)
+    return TextEncoder(DEFAULT_TEXT_ENCODER, Device.choose("cpu"), 4)
 
 
 def test_identical_texts_share_one_vector_and_order_is_kept(fp32):
@@ -22,9 +24,13 @@ def test_identical_texts_share_one_vector_and_order_is_kept(fp32):
     np.testing.assert_allclose(vectors[2], single, atol=1e-5)
 
 
-def test_int8_onnx_route_stays_close_to_fp32(fp32):
-    reference, quantised = fp32.encode(TEXTS), text_encoder(ONNX_INT8_MINILM, Device.choose("cpu"), 3).encode(TEXTS)
-    assert np.abs(reference @ reference.T - quantised @ quantised.T).max() < 0.03
+def test_int8_encoder_stays_close_to_fp32(fp32):
+    int8 = TextEncoder(DEFAULT_TEXT_ENCODER, Device.choose("cpu"), 3, int8=True)
+    layers = [type(m) for m in int8.model.modules()]
+    assert Int8Linear in layers and torch.nn.Linear not in layers
+    reference, quantised = fp32.encode(TEXTS), int8.encode(TEXTS)
+    deviation = np.abs(reference @ reference.T - quantised @ quantised.T)
+    assert 0 < deviation.max() < 0.06 and deviation.mean() < 0.02
 
 
 def test_clip_references():

@@ -213,3 +213,30 @@ def test_cuda_bf16_greedy_mostly_agrees_with_transformers(tiny):
     assert (ours == ref).float().mean() > 0.8  # bf16 rounding differs between the two attention paths
     sampled = FastBlipDecoder(model).generate(pixels, prompt, Settings(), seed=0)
     assert sampled.shape[0] == 32
+
+
+def test_int8_decoder_samples_from_a_close_distribution(small):
+    """--int8 is not exact: along the fp32 model's own captions, the int8 model's sampling distribution stays
+    close (total variation), and the fp32 model compared with itself gives exactly 0."""
+    import copy
+
+    from sieve_tasks.fast_blip import next_token_distributions
+    from sieve_tasks.int8 import quantize_linears
+
+    model, prompt = small
+    int8 = copy.deepcopy(model)
+    quantize_linears(int8)
+    cfg = DecodeConfig()
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
+    fast = FastBlipDecoder(model)
+    tokens = fast.generate(pixels, prompt, cfg, seed=0)
+    plen = fast.prepare_prompt(prompt, 2).shape[1]
+    reference, live = next_token_distributions(model, pixels, tokens, plen, cfg)
+    quantised, _ = next_token_distributions(int8, pixels, tokens, plen, cfg)
+    variation = 0.5 * (reference - quantised).abs().sum(-1)[live]
+    assert live.sum() > 20
+    assert 0 < variation.mean() < 0.06 and variation.max() < 0.2
+    again = FastBlipDecoder(int8).generate(pixels, prompt, cfg, seed=0)
+    assert again.shape[0] == tokens.shape[0]
+    self_variation = 0.5 * (reference - next_token_distributions(model, pixels, tokens, plen, cfg)[0]).abs().sum(-1)
+    assert float(self_variation.max()) < 1e-5
