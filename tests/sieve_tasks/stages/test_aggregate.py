@@ -152,5 +152,22 @@ def test_duplicates_found_across_partitions(tmp_path, monkeypatch):
     write_scored_run(run, {"00000000": rows, "00000001": rows[3:] + [{"uid": f"{2**127 + 5:032x}", "sieve_score": 0.1}]})
     result = aggregate(str(run), Settings(threshold=0.0, clip="none"))
     assert result["counts"]["duplicates"] == 4  # three repeated in shard 1, one twice more
-    kept = pq.read_table(publish(str(run))["manifest"]["kept.parquet"]).column("uid").to_pylist()
-    assert kept == sorted(f"{i:032x}" for i in ids)
+    manifest = publish(str(run))["manifest"]
+    kept = pq.read_table(manifest["kept.parquet"]).column("uid").to_pylist()
+    assert kept == [f"{i:032x}" for i in ids]  # pool order: shard, then position
+
+
+def test_subset_is_sorted_across_uid_buckets_and_ties_on_the_first_half(tmp_path, monkeypatch):
+    from sieve_tasks import buckets
+
+    monkeypatch.setattr(buckets, "BUCKET_ROWS", 2)  # 40 rows -> 32 bucket files
+    rng = np.random.default_rng(0)
+    ids = [int(x) << 64 | int(y) for x, y in zip(rng.integers(0, 2**63, 36, dtype=np.uint64) * 2,
+                                                 rng.integers(0, 2**63, 36, dtype=np.uint64))]
+    ids += [(ids[0] >> 64 << 64) | 3, (ids[0] >> 64 << 64) | 1, 5, 2**128 - 1]  # equal first halves, extremes
+    run = tmp_path / "run"
+    write_scored_run(run, {f"{s:08d}": [{"uid": f"{i:032x}", "sieve_score": 0.5} for i in ids[s::3]] for s in range(3)})
+    aggregate(str(run), Settings(threshold=0.0, clip="none"))
+    subset = np.load(publish(str(run))["manifest"]["subset.npy"])
+    assert subset.dtype == np.dtype("u8,u8") and len(subset) == 40
+    assert [int(a) << 64 | int(b) for a, b in subset.tolist()] == sorted(ids)
