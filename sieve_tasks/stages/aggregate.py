@@ -1,11 +1,12 @@
 """Aggregate step: DuckDB over every score file of the run (local or S3) → ``RUN/thresholds.json``.
 
-The pool is never loaded into Python memory and never fully sorted: counts and min/max come from one
-scan, duplicate uids from sorting the uids' first 64 bits in bounded partitions, and the fraction
-threshold from a histogram scan followed by an exact look inside the one bin that holds the cut. DuckDB
-runs under a memory limit (``SIEVE_DUCKDB_MEMORY``, default 1GB) and spills, so 100M+ rows fit a small
-machine. Values coming from
-the user are bound parameters, never SQL text; score columns come from a fixed list.
+The pool is never loaded into Python memory and never fully sorted. One DuckDB scan gives counts and min/max;
+a second, streamed, gives both the histogram of the selected score (2^20 bins) and the uids' first 64 bits, which
+are sorted one range at a time from temporary files to find repeated uids; the fraction threshold is then an exact
+look inside the one bin that holds the cut. Repeated uids (rare) are checked on the full uid and the histogram is
+recomputed without their later occurrences. DuckDB runs under a memory limit (``SIEVE_DUCKDB_MEMORY``, default 1GB)
+and spills, so 100M+ rows fit a small machine. Values coming from the user are bound parameters, never SQL text;
+score columns come from a fixed list.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import duckdb
 import numpy as np
 
 from sieve_tasks import storage
+from sieve_tasks.buckets import RadixBuckets
 from sieve_tasks.pool import pool_shards
 from sieve_tasks.settings import Settings, fingerprint
 from sieve_tasks.shards import Shard
@@ -26,7 +28,7 @@ from sieve_tasks.stages.base import marker_uri
 
 SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
 HISTOGRAM_BINS = 1 << 20
-DUPLICATE_PARTITION_ROWS = 25_000_000
+SCAN_BATCH = 1 << 20
 
 
 def thresholds_uri(run: str) -> str:
@@ -66,7 +68,7 @@ def score_files(run: str, shards: list[Shard]) -> tuple[list[str], list[dict[str
 def define_views(con: duckdb.DuckDBPyConnection, files: list[str], duplicates: str | None = None) -> None:
     """``scores`` (every row read) and ``unique_ok`` (scored rows, each uid once: first shard, first position).
 
-    ``duplicates`` is the parquet of later occurrences written by :func:`find_duplicates`.
+    ``duplicates`` is the parquet of later occurrences written by :func:`later_duplicates`.
     """
     con.read_parquet(files).create_view("scores")
     if duplicates is None:
@@ -80,27 +82,46 @@ def define_views(con: duckdb.DuckDBPyConnection, files: list[str], duplicates: s
         """)
 
 
-def find_duplicates(con: duckdb.DuckDBPyConnection, run: str, rows: int) -> tuple[int, str | None]:
-    """Later occurrences of repeated uids (→ ``RUN/duplicates.parquet``).
+def scan_scored(con: duckdb.DuckDBPyConnection, rows: int, selection: dict[str, Any] | None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+    """One streamed scan of every scored row: the first 64 bits of uids seen more than once (each a candidate
+    duplicate, checked on the full uid later) and, when ``selection`` is given, the histogram of its score.
 
-    The first 64 bits of every scored uid are fetched in a few partitions (≤ 25M values, 200 MB each)
-    and sorted with numpy, which is far cheaper than a hash aggregation over the pool; the repeated
-    values found are then checked on the full uids in SQL.
+    The uid bits go to range-partitioned temporary files (:class:`RadixBuckets`) that are sorted one at a time,
+    so memory stays bounded whatever the pool size.
     """
-    partitions = max(1, -(-rows // DUPLICATE_PARTITION_ROWS))
-    bits = max(1, int(np.ceil(np.log2(partitions)))) if partitions > 1 else 0
-    repeated: list[np.ndarray] = []
-    for part in range(1 << bits):
-        where = "status = 'ok'" + (f" AND (uid_hi >> {64 - bits}) = ?" if bits else "")
-        values = con.execute(f"SELECT uid_hi FROM scores WHERE {where}", [part] if bits else []).fetchnumpy()["uid_hi"]
-        values = np.asarray(values, dtype=np.uint64)
-        values.sort()
-        repeated.append(np.unique(values[1:][values[1:] == values[:-1]]))
-        del values
-    candidates = np.concatenate(repeated)
-    if candidates.size == 0:
+    columns, params = "uid_hi", []
+    if selection is not None:
+        bin_of, params = _bin_expression(selection)
+        columns += f", CASE WHEN {candidate_filter(selection)} THEN {bin_of} END"
+    reader = con.sql(f"SELECT {columns} FROM scores WHERE status = 'ok'", params=params).to_arrow_reader(SCAN_BATCH)
+    histogram = None if selection is None else np.zeros(HISTOGRAM_BINS, np.int64)
+    with RadixBuckets(np.uint64, rows) as uid_hi:
+        for batch in reader:
+            values = batch.column(0).to_numpy()
+            uid_hi.add(values, values)
+            if histogram is not None:
+                histogram += np.bincount(batch.column(1).drop_null().to_numpy(), minlength=HISTOGRAM_BINS)
+        repeated = [np.unique(v[1:][v[1:] == v[:-1]]) for v in map(np.sort, uid_hi)]
+    return np.concatenate(repeated), histogram
+
+
+def histogram_of(con: duckdb.DuckDBPyConnection, selection: dict[str, Any]) -> np.ndarray:
+    """The histogram of the selected score over the candidates (unique rows), streamed."""
+    bin_of, params = _bin_expression(selection)
+    reader = con.sql(f"SELECT {bin_of} FROM unique_ok WHERE {candidate_filter(selection)}",
+                     params=params).to_arrow_reader(SCAN_BATCH)
+    histogram = np.zeros(HISTOGRAM_BINS, np.int64)
+    for batch in reader:
+        histogram += np.bincount(batch.column(0).to_numpy(), minlength=HISTOGRAM_BINS)
+    return histogram
+
+
+def later_duplicates(con: duckdb.DuckDBPyConnection, run: str, repeated_uid_hi: np.ndarray) -> tuple[int, str | None]:
+    """Later occurrences (by shard, position) of uids repeated in the pool → ``RUN/duplicates.parquet``."""
+    if repeated_uid_hi.size == 0:
         return 0, None
-    con.register("repeated_uid_hi", {"uid_hi": candidates})
+    con.register("repeated_uid_hi", {"uid_hi": repeated_uid_hi})
     con.execute("""
         CREATE OR REPLACE TEMP TABLE later AS
         SELECT uid, shard, position FROM scores
@@ -160,17 +181,21 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     """).fetchall()
     scored = sum(row[2] for row in by_status if row[0] == "ok")
     failed = sum(row[2] for row in by_status if row[0] != "ok")
-    duplicates, duplicates_file = find_duplicates(con, run, scored)
-    if duplicates_file is not None:
+    ok = [row[3:] for row in by_status if row[0] == "ok"]
+    minmax = _minmax(ok[0] if ok else (None,) * 4)
+    selection = _base_selection(settings, minmax)
+    # the duplicate check and the histogram share one scan; both assume no duplicates, the usual case
+    repeated, histogram = scan_scored(con, scored, selection if settings.fraction is not None else None)
+    duplicates, duplicates_file = later_duplicates(con, run, repeated)
+    if duplicates_file is not None:  # min/max and histogram of the unique rows instead
         define_views(con, files, duplicates_file)
         minmax = _minmax(con.execute("SELECT min(sieve_score), max(sieve_score), min(clip_score), max(clip_score) "
                                      "FROM unique_ok").fetchall()[0])
-    else:
-        ok = [row[3:] for row in by_status if row[0] == "ok"]
-        minmax = _minmax(ok[0] if ok else (None,) * 4)
+        selection = _base_selection(settings, minmax)
+        histogram = histogram_of(con, selection) if histogram is not None else None
     result = {
         "fingerprint": expected,
-        "selection": _selection(con, settings, minmax),
+        "selection": _selection(con, settings, selection, histogram),
         "counts": {"read": scored + failed, "scored": scored, "failed": failed, "duplicates": duplicates},
         "failed_by_reason": {row[1]: row[2] for row in by_status if row[0] != "ok"},
         "duplicates_file": duplicates_file,
@@ -185,49 +210,58 @@ def _minmax(values: tuple) -> dict[str, dict[str, float | None]]:
     return {"sieve_score": {"min": values[0], "max": values[1]}, "clip_score": {"min": values[2], "max": values[3]}}
 
 
-def _selection(con: duckdb.DuckDBPyConnection, settings: Settings, minmax: dict[str, Any]) -> dict[str, Any]:
+def _base_selection(settings: Settings, minmax: dict[str, Any]) -> dict[str, Any] | None:
+    """What is thresholded: score, weights, basic filter and the pool's min/max (None for a reference run)."""
     if settings.thresholds_from is not None:
-        reference = storage.read_json(thresholds_uri(settings.thresholds_from))["selection"]
-        return {**reference, "rule": "reference", "reference_run": settings.thresholds_from,
-                "reference_rule": reference["rule"]}
-    selection: dict[str, Any] = {
+        return None
+    return {
         "score": settings.score,
         "weights": dict(sorted(settings.weights.items())) if settings.score == "fused" else None,
         "basic_filter": settings.basic_filter,
         "minmax": minmax,
     }
+
+
+def _selection(con: duckdb.DuckDBPyConnection, settings: Settings, selection: dict[str, Any] | None,
+               histogram: np.ndarray | None) -> dict[str, Any]:
+    if settings.thresholds_from is not None:
+        reference = storage.read_json(thresholds_uri(settings.thresholds_from))["selection"]
+        return {**reference, "rule": "reference", "reference_run": settings.thresholds_from,
+                "reference_rule": reference["rule"]}
     if settings.threshold is not None:
         return {**selection, "rule": "threshold", "threshold": settings.threshold}
-    candidates, n, threshold = fraction_threshold(con, selection, settings.fraction)
+    candidates, n, threshold = fraction_threshold(con, selection, settings.fraction, histogram)
     return {**selection, "rule": "fraction", "fraction": settings.fraction, "candidates": candidates, "n": n,
             "threshold": threshold}
 
 
-def fraction_threshold(con: duckdb.DuckDBPyConnection, selection: dict[str, Any], fraction: float
-                       ) -> tuple[int, int, float]:
+def _bin_expression(selection: dict[str, Any]) -> tuple[str, list[Any]]:
+    """SQL for the histogram bin of the selected score. Scores have a known range (cosines in [-1, 1], a fused
+    score in [0, 1]), cut into 2^20 equal bins."""
+    expression, params = score_expression(selection)
+    low, high = (0.0, 1.0) if selection["score"] == "fused" else (-1.0, 1.0)
+    return (f"least(greatest(CAST(floor((({expression}) - ?) * ?) AS BIGINT), 0), {HISTOGRAM_BINS - 1})",
+            params + [low, HISTOGRAM_BINS / (high - low)])
+
+
+def fraction_threshold(con: duckdb.DuckDBPyConnection, selection: dict[str, Any], fraction: float,
+                       histogram: np.ndarray) -> tuple[int, int, float]:
     """DataComp's rule without a full sort: n = int(N·F); the threshold is element n of the descending order.
 
-    Scores have a known range (cosines in [-1, 1], a fused score in [0, 1]): one scan counts them in
-    2^20 bins, which finds the bin holding rank n; a second scan sorts only that bin.
+    The histogram finds the bin holding rank n; one more scan sorts only that bin.
     """
-    expression, params = score_expression(selection)
-    where = candidate_filter(selection)
-    low, high = (0.0, 1.0) if selection["score"] == "fused" else (-1.0, 1.0)
-    bin_of = (f"least(greatest(CAST(floor((({expression}) - ?) * ?) AS BIGINT), 0), {HISTOGRAM_BINS - 1})")
-    bin_params = params + [low, HISTOGRAM_BINS / (high - low)]
-    counts = con.execute(f"SELECT {bin_of} AS b, count(*) AS c FROM unique_ok WHERE {where} GROUP BY b",
-                         bin_params).fetchnumpy()
-    if len(counts["b"]) == 0:
+    candidates = int(histogram.sum())
+    if candidates == 0:
         raise RuntimeError(f"no sample has a {selection['score']} score to threshold (all failed or filtered out)")
-    order = np.argsort(-np.asarray(counts["b"]))  # bins from the top score down
-    bins, sizes = np.asarray(counts["b"])[order], np.asarray(counts["c"], dtype=np.int64)[order]
-    candidates = int(sizes.sum())
     n = min(int(candidates * fraction), candidates - 1)
-    cumulative = np.cumsum(sizes)
-    index = int(np.searchsorted(cumulative, n, side="right"))
-    above = int(cumulative[index - 1]) if index else 0
+    from_top = np.cumsum(histogram[::-1])
+    index = int(np.searchsorted(from_top, n, side="right"))  # bins above hold at most n rows
+    above = int(from_top[index - 1]) if index else 0
+    expression, params = score_expression(selection)
+    bin_of, bin_params = _bin_expression(selection)
     (threshold,) = con.execute(
-        f"SELECT {expression} AS s FROM unique_ok WHERE {where} AND {bin_of} = ? ORDER BY s DESC LIMIT 1 OFFSET ?",
-        params + bin_params + [int(bins[index]), n - above],
+        f"SELECT {expression} AS s FROM unique_ok WHERE {candidate_filter(selection)} AND {bin_of} = ? "
+        "ORDER BY s DESC LIMIT 1 OFFSET ?",
+        params + bin_params + [HISTOGRAM_BINS - 1 - index, n - above],
     ).fetchall()[0]
     return candidates, n, threshold

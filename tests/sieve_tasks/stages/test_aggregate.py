@@ -143,9 +143,9 @@ def test_injection_strings_are_data_not_sql(tmp_path):
 
 
 def test_duplicates_found_across_partitions(tmp_path, monkeypatch):
-    from sieve_tasks.stages import aggregate as aggregate_module
+    from sieve_tasks import buckets
 
-    monkeypatch.setattr(aggregate_module, "DUPLICATE_PARTITION_ROWS", 3)  # forces 4 partitions of uid_hi
+    monkeypatch.setattr(buckets, "BUCKET_ROWS", 3)  # 10 scored rows -> 4 range files of uid_hi
     ids = [1, 2, 3, 2**127 + 5, 2**126 + 9, 7]
     rows = [{"uid": f"{i:032x}", "sieve_score": 0.5} for i in ids]
     run = tmp_path / "run"
@@ -171,3 +171,18 @@ def test_subset_is_sorted_across_uid_buckets_and_ties_on_the_first_half(tmp_path
     subset = np.load(publish(str(run))["manifest"]["subset.npy"])
     assert subset.dtype == np.dtype("u8,u8") and len(subset) == 40
     assert [int(a) << 64 | int(b) for a, b in subset.tolist()] == sorted(ids)
+
+
+def test_fraction_rule_ignores_later_duplicates(tmp_path):
+    """The histogram scan assumes unique uids; with repeats it is redone on the first occurrences only."""
+    first = [{"uid": uid(i), "sieve_score": i / 20} for i in range(10)]
+    later = [{"uid": uid(i), "sieve_score": 0.99} for i in range(3)]  # would dominate the top if counted
+    run = tmp_path / "run"
+    write_scored_run(run, {"00000000": first, "00000001": later})
+    result = aggregate(str(run), Settings(fraction=0.3, clip="none"))
+    values = sorted((r["sieve_score"] for r in first), reverse=True)
+    assert result["counts"]["duplicates"] == 3
+    assert result["selection"]["candidates"] == 10 and result["selection"]["n"] == 3
+    assert result["selection"]["threshold"] == pytest.approx(values[3])
+    kept = pq.read_table(publish(str(run))["manifest"]["kept.parquet"]).column("uid").to_pylist()
+    assert kept == [uid(i) for i in range(6, 10)]
