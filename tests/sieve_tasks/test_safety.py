@@ -27,7 +27,6 @@ def test_sql_takes_user_values_only_as_parameters():
     for path in (SOURCE / "stages" / "aggregate.py", SOURCE / "stages" / "publish.py"):
         for fragment in re.findall(r'f"""(.*?)"""|f"(SELECT[^"]*)"', path.read_text(), re.S):
             spliced = re.findall(r"\{([^}]*)\}", "".join(fragment))
-            allowed = {"expression", "where", "column", "bin_of", "', '.join(KEPT_COLUMNS)", "query",
-                       "candidate_filter(selection)",
-                       "HISTOGRAM_BINS - 1", "64 - bits"}
+            allowed = {"expression", "columns", "bin_of", "', '.join(KEPT_COLUMNS)", "candidate_filter(selection)",
+                       "order"}
             assert set(spliced) <= allowed, (path, spliced)
