@@ -1,7 +1,7 @@
 """Pool-sized columns processed one key range at a time, in bounded memory.
 
 Values are spread over up to 2^k temporary files by the top k bits of a uint64 key (uids are uniform hashes, so the
-files are even), then read back one file at a time in key order. Aggregate uses it to find repeated uids, publish to
+files are even), then read back and sorted a file or two at a time, in key order. Aggregate uses it to find repeated uids, publish to
 sort the kept uids for ``subset.npy``; neither ever holds the whole column.
 """
 
@@ -10,12 +10,14 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 BUCKET_ROWS = 4_000_000  # per file: 32-64 MB of uids
 MAX_BITS = 8
+SORT_THREADS = 2
 
 
 class RadixBuckets:
@@ -34,23 +36,29 @@ class RadixBuckets:
             f.close()
         self._dir.cleanup()
 
-    def add(self, values: np.ndarray, keys: np.ndarray) -> None:
-        """Append ``values`` (of this dtype), each to the file of its uint64 ``key``."""
+    def add(self, values: np.ndarray, keys: np.ndarray | None = None) -> None:
+        """Append ``values``, each to the file of its uint64 key (``keys=None``: the values are the keys)."""
         self.rows += len(values)
         if not self.bits:
             self._files[0].write(values.tobytes())
             return
-        bucket = (keys >> np.uint64(64 - self.bits)).astype(np.uint16)
-        values = values[np.argsort(bucket, kind="stable")]  # a radix sort on 16-bit keys
-        stops = np.cumsum(np.bincount(bucket, minlength=len(self._files)))
-        start = 0
-        for f, stop in zip(self._files, stops):
+        if keys is None:  # sorting the keys themselves is cheaper than the radix pass, and leaves sorted runs
+            values = np.sort(values)
+            stops = np.searchsorted(values, np.arange(1, len(self._files), dtype=np.uint64) << np.uint64(64 - self.bits))
+        else:
+            bucket = (keys >> np.uint64(64 - self.bits)).astype(np.uint16)
+            values = values[np.argsort(bucket, kind="stable")]  # a radix sort on 16-bit keys
+            stops = np.cumsum(np.bincount(bucket, minlength=len(self._files)))[:-1]
+        for f, start, stop in zip(self._files, np.concatenate([[0], stops]), np.concatenate([stops, [len(values)]])):
             if stop > start:
                 f.write(values[start:stop].tobytes())
-            start = stop
 
-    def __iter__(self) -> Iterator[np.ndarray]:
-        """Each file's values in turn, in ascending key range; a bucket is read only when its turn comes."""
+    def sorted_buckets(self, sort: Callable[[np.ndarray], np.ndarray]) -> Iterator[np.ndarray]:
+        """Each file's values sorted by ``sort``, in ascending key range. Two files are read and sorted at a time
+        on two threads (numpy's sorts release the GIL), so memory holds two buckets at most."""
         for f in self._files:
             f.close()
-            yield np.fromfile(f.name, self.dtype)
+        load_and_sort = lambda f: sort(np.fromfile(f.name, self.dtype))  # noqa: E731
+        with ThreadPoolExecutor(SORT_THREADS) as pool:
+            for start in range(0, len(self._files), SORT_THREADS):
+                yield from pool.map(load_and_sort, self._files[start : start + SORT_THREADS])

@@ -98,11 +98,10 @@ def scan_scored(con: duckdb.DuckDBPyConnection, rows: int, selection: dict[str, 
     histogram = None if selection is None else np.zeros(HISTOGRAM_BINS, np.int64)
     with RadixBuckets(np.uint64, rows) as uid_hi:
         for batch in reader:
-            values = batch.column(0).to_numpy()
-            uid_hi.add(values, values)
+            uid_hi.add(batch.column(0).to_numpy())
             if histogram is not None:
                 histogram += np.bincount(batch.column(1).drop_null().to_numpy(), minlength=HISTOGRAM_BINS)
-        repeated = [np.unique(v[1:][v[1:] == v[:-1]]) for v in map(np.sort, uid_hi)]
+        repeated = [np.unique(v[1:][v[1:] == v[:-1]]) for v in uid_hi.sorted_buckets(np.sort)]
     return np.concatenate(repeated), histogram
 
 

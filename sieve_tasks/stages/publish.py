@@ -81,8 +81,8 @@ def _write_manifest_files(relation, run: str, pool_rows: int) -> int:
         with open(npy_out.path, "wb") as npy:
             npy_format.write_array_header_1_0(npy, {"descr": npy_format.dtype_to_descr(SUBSET_DTYPE),
                                                     "fortran_order": False, "shape": (kept,)})
-            for bucket in uids:  # ascending uid ranges
-                npy.write(_sorted_pairs(bucket).tobytes())
+            for pairs in uids.sorted_buckets(_sorted_pairs):  # ascending uid ranges
+                npy.write(pairs.tobytes())
     return kept
 
 
