@@ -15,20 +15,26 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-BUCKET_ROWS = 4_000_000  # per file: 32-64 MB of uids
+BUCKET_ROWS = 4_000_000  # per file: 32-64 MB of uids (up to 2^MAX_BITS files; larger pools get larger files)
 MAX_BITS = 8
 SORT_THREADS = 2
 
 
 class RadixBuckets:
-    def __init__(self, dtype: np.dtype, expected_rows: int, bucket_rows: int = BUCKET_ROWS):
+    def __init__(self, dtype: np.dtype, expected_rows: int):
         self.dtype = np.dtype(dtype)
-        self.bits = min(MAX_BITS, max(0, math.ceil(math.log2(max(1, expected_rows) / bucket_rows))))
+        self.bits = min(MAX_BITS, max(0, math.ceil(math.log2(max(1, expected_rows) / BUCKET_ROWS))))
         self.rows = 0
 
     def __enter__(self) -> RadixBuckets:
         self._dir = tempfile.TemporaryDirectory(prefix="sieve-buckets-")
-        self._files = [open(os.path.join(self._dir.name, f"{b:03d}"), "wb") for b in range(1 << self.bits)]
+        self._files = []
+        try:
+            for b in range(1 << self.bits):
+                self._files.append(open(os.path.join(self._dir.name, f"{b:03d}"), "wb"))
+        except BaseException:
+            self.__exit__()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -55,7 +61,7 @@ class RadixBuckets:
 
     def sorted_buckets(self, sort: Callable[[np.ndarray], np.ndarray]) -> Iterator[np.ndarray]:
         """Each file's values sorted by ``sort``, in ascending key range. Two files are read and sorted at a time
-        on two threads (numpy's sorts release the GIL), so memory holds two buckets at most."""
+        on two threads (numpy's sorts release the GIL): memory holds two buckets with their sort's copies."""
         for f in self._files:
             f.close()
         load_and_sort = lambda f: sort(np.fromfile(f.name, self.dtype))  # noqa: E731

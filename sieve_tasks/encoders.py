@@ -27,6 +27,8 @@ class TextEncoder:
     def __init__(self, ref: str, device: Device, batch_size: int, *, int8: bool = False):
         from sentence_transformers import SentenceTransformer
 
+        if ref.startswith("onnx-int8:"):
+            raise ValueError(f"text encoder {ref!r}: the int8 ONNX route was replaced by --int8 (faster here)")
         self.model = SentenceTransformer(materialize(ref), device=device.device)
         if device.dtype != torch.float32:
             self.model = self.model.to(device.dtype)

@@ -1,16 +1,30 @@
 """int8 linear layers for CPU inference (``--int8``): the captioner's and the sentence encoder's matmuls on
 int8 dot-product instructions (fbgemm; AVX512-VNNI/AVX-VNNI where the CPU has them), about 3-4x the fp32 rate.
 
-Weights are quantised once, symmetrically per output channel; activations are quantised per call over their full
-8-bit range (PyTorch's stock dynamic quantisation narrows them to 7 bits, which doubles the error here). Outputs
-deviate slightly from fp32; the measured deviation is in BENCHMARKS.md.
+Weights are quantised once, symmetrically per output channel; activations are quantised per call. On CPUs with VNNI
+they use their full 8-bit range; PyTorch's stock dynamic quantisation narrows them to 7 bits, which doubles the error,
+because without VNNI fbgemm adds pairs of 8-bit products in saturating 16-bit arithmetic, where the full range could
+overflow. So the 7-bit range is kept on CPUs without VNNI. Outputs deviate slightly from fp32; the measured deviation
+is in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from pathlib import Path
 
 import torch
+
+
+@functools.cache
+def full_range_activations() -> bool:
+    """Whether this CPU has VNNI (int8 dot products into 32-bit sums), read from Linux's /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 class Int8Linear(torch.nn.Module):
@@ -27,12 +41,14 @@ class Int8Linear(torch.nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().float()
         self._packed = torch.ops.quantized.linear_prepack(quantised, bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.reduce_range = not full_range_activations()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x, self._packed, False)  # False: full 8-bit activation range
+        return torch.ops.quantized.linear_dynamic(x, self._packed, self.reduce_range)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        activations = "7-bit" if self.reduce_range else "8-bit"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8, {activations} activations"
 
 
 def quantize_linears(module: torch.nn.Module) -> int:

@@ -23,6 +23,8 @@ CAPTION_SETTINGS = (
 )
 EMBED_SETTINGS = ("text_encoder", "clip", "clip_from_metadata", "mask_phrases", "mask_mode", "max_pixels", "int8")
 SCORE_SETTINGS = ("mask_phrases", "mask_mode", "clip_from_metadata")
+# Options added after runs were first written, with the value that means "as before".
+ADDED_OPTIONS = {"int8": False}
 DEFAULT_FRACTION = 0.2  # SIEVE's example: keep the top 20 %
 METADATA_CLIP_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
 
@@ -90,6 +92,8 @@ class Settings:
                 raise ValueError(f"fusion weights must sum to 1.0, got {sum(self.weights.values())} from {self.weights}")
         if self.score in ("clip", "fused") and not self.clip_enabled:
             raise ValueError(f"--score {self.score} needs CLIP: drop --clip none or use --clip-from-metadata")
+        if self.int8 and self.dtype in ("fp16", "bf16"):
+            raise ValueError(f"--int8 replaces the linear layers' fp32 math; it cannot be combined with --dtype {self.dtype}")
         for name in ("num_captions", "caption_batch_size", "embed_batch_size", "decode_workers", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -97,6 +101,12 @@ class Settings:
     @property
     def clip_enabled(self) -> bool:
         return self.clip != "none" or self.clip_from_metadata is not None
+
+    def fingerprinted(self, names: tuple[str, ...]) -> dict[str, Any]:
+        """The settings among ``names`` that a stage's fingerprint covers. Options added later are left out while
+        they have their old behaviour (``ADDED_OPTIONS``), so upgrading does not recompute finished runs."""
+        return {name: value for name, value in self.subset(*names).items()
+                if name not in ADDED_OPTIONS or value != ADDED_OPTIONS[name]}
 
     def subset(self, *names: str) -> dict[str, Any]:
         return {name: getattr(self, name) for name in names}

@@ -110,6 +110,8 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
         settings = Settings(**settings_options(params))
     except (TypeError, ValueError) as exc:  # a bad trigger form: retrying cannot help
         raise AirflowFailException(f"invalid settings: {exc}") from exc
+    if settings.int8 and params.get("mode") == "kubernetes":
+        raise AirflowFailException("int8 is for CPU workers; kubernetes mode runs the GPU worker image (use bf16 there)")
     context = get_current_context()
     owner = lease_owner(context["dag"].dag_id, context["run_id"])
     access = {"run": run, "lease_owner": owner, "aws_conn_id": params.get("aws_conn_id")}

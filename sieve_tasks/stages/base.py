@@ -39,7 +39,7 @@ class ShardStage(ABC):
         self.settings = settings
 
     def stage_settings(self) -> dict[str, Any]:
-        return self.settings.subset(*self.settings_names)
+        return self.settings.fingerprinted(self.settings_names)
 
     @abstractmethod
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:

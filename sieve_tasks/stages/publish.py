@@ -86,7 +86,7 @@ def _write_manifest_files(relation, run: str, pool_rows: int) -> int:
     return kept
 
 
-_HEX_DIGIT_PAIRS = np.array([ord(f"{b:02x}"[0]) | ord(f"{b:02x}"[1]) << 8 for b in range(256)], np.uint16)
+_HEX_DIGIT_PAIRS = np.array([ord(f"{b:02x}"[0]) | ord(f"{b:02x}"[1]) << 8 for b in range(256)], "<u2")
 
 
 def uid_text(pairs: np.ndarray) -> pa.StringArray:

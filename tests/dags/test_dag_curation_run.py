@@ -104,9 +104,10 @@ def test_rerunning_neither_duplicates_nor_loses_rows(local_run, demo_pool):
     assert (run / "manifest" / "subset.npy").read_bytes() == subset
 
 
-def test_conflicting_selection_fails_fast_without_retries(airflow_db, demo_pool, tmp_path):
-    dagrun = run_dag("sieve_curation", {"input": demo_pool, "run": str(tmp_path / "run"), "profile": "test",
-                                        "fraction": 0.5, "threshold": 0.1})
+@pytest.mark.parametrize("conf", [{"fraction": 0.5, "threshold": 0.1}, {"int8": True, "mode": "kubernetes"}],
+                         ids=["conflicting-selection", "int8-on-gpu-pods"])
+def test_bad_settings_fail_fast_without_retries(airflow_db, demo_pool, tmp_path, conf):
+    dagrun = run_dag("sieve_curation", {"input": demo_pool, "run": str(tmp_path / "run"), "profile": "test", **conf})
     assert dagrun.state == "failed"
     got = states(dagrun)
     assert got[("list_shards", -1)] == "failed"

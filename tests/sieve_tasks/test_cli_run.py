@@ -145,3 +145,14 @@ def test_int8_run_is_recorded_and_recomputes_the_model_stages(test_profile_run, 
         "caption_embeddings").to_pylist()
     int8 = pq.read_table(os.path.join(run, "embeddings", "00000000.parquet")).column("caption_embeddings").to_pylist()
     assert fp32 != int8
+
+
+def test_int8_is_fingerprinted_only_when_on():
+    """Runs written before --int8 existed keep their fingerprints: the option is left out while off."""
+    from sieve_tasks.settings import CAPTION_SETTINGS, EMBED_SETTINGS, Settings
+
+    for names in (CAPTION_SETTINGS, EMBED_SETTINGS):
+        assert "int8" not in Settings().fingerprinted(names)
+        assert Settings(int8=True).fingerprinted(names)["int8"] is True
+    with pytest.raises(ValueError, match="--int8"):
+        Settings(int8=True, dtype="bf16")

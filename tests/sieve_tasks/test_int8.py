@@ -30,3 +30,15 @@ def test_quantize_linears_refuses_non_cpu_models():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4)).to("meta")
     with pytest.raises(ValueError, match="CPU only"):
         quantize_linears(model)
+
+
+def test_activation_range_follows_the_cpu(monkeypatch):
+    """Full 8-bit activations only where VNNI sums int8 products in 32 bits; elsewhere PyTorch's 7-bit range."""
+    from sieve_tasks import int8
+
+    linear = torch.nn.Linear(8, 8)
+    for has_vnni in (True, False):
+        monkeypatch.setattr(int8, "full_range_activations", lambda: has_vnni)
+        layer = Int8Linear(linear)
+        assert layer.reduce_range is not has_vnni
+        assert layer(torch.randn(2, 8)).shape == (2, 8)

@@ -146,12 +146,14 @@ def test_duplicates_found_across_partitions(tmp_path, monkeypatch):
     from sieve_tasks import buckets
 
     monkeypatch.setattr(buckets, "BUCKET_ROWS", 3)  # 10 scored rows -> 4 range files of uid_hi
+    bits = _spy_bucket_bits(monkeypatch)
     ids = [1, 2, 3, 2**127 + 5, 2**126 + 9, 7]
     rows = [{"uid": f"{i:032x}", "sieve_score": 0.5} for i in ids]
     run = tmp_path / "run"
     write_scored_run(run, {"00000000": rows, "00000001": rows[3:] + [{"uid": f"{2**127 + 5:032x}", "sieve_score": 0.1}]})
     result = aggregate(str(run), Settings(threshold=0.0, clip="none"))
     assert result["counts"]["duplicates"] == 4  # three repeated in shard 1, one twice more
+    assert bits == [2]
     manifest = publish(str(run))["manifest"]
     kept = pq.read_table(manifest["kept.parquet"]).column("uid").to_pylist()
     assert kept == [f"{i:032x}" for i in ids]  # pool order: shard, then position
@@ -161,6 +163,7 @@ def test_subset_is_sorted_across_uid_buckets_and_ties_on_the_first_half(tmp_path
     from sieve_tasks import buckets
 
     monkeypatch.setattr(buckets, "BUCKET_ROWS", 2)  # 40 rows -> 32 bucket files
+    bits = _spy_bucket_bits(monkeypatch)
     rng = np.random.default_rng(0)
     ids = [int(x) << 64 | int(y) for x, y in zip(rng.integers(0, 2**63, 36, dtype=np.uint64) * 2,
                                                  rng.integers(0, 2**63, 36, dtype=np.uint64))]
@@ -171,6 +174,22 @@ def test_subset_is_sorted_across_uid_buckets_and_ties_on_the_first_half(tmp_path
     subset = np.load(publish(str(run))["manifest"]["subset.npy"])
     assert subset.dtype == np.dtype("u8,u8") and len(subset) == 40
     assert [int(a) << 64 | int(b) for a, b in subset.tolist()] == sorted(ids)
+    assert bits == [5, 5]  # aggregate's uid check and publish's sort both split into 32 files
+
+
+def _spy_bucket_bits(monkeypatch) -> list[int]:
+    """The number of top bits (log2 of the file count) of every RadixBuckets opened."""
+    from sieve_tasks.buckets import RadixBuckets
+
+    seen: list[int] = []
+    enter = RadixBuckets.__enter__
+
+    def spy(self):
+        seen.append(self.bits)
+        return enter(self)
+
+    monkeypatch.setattr(RadixBuckets, "__enter__", spy)
+    return seen
 
 
 def test_fraction_rule_ignores_later_duplicates(tmp_path):
