@@ -48,6 +48,13 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def report(label: str, images: int, times: list[float]) -> list[float]:
+    """Print the images/s of timed runs (median, min, max); returns the per-run rates."""
+    rates = [images / t for t in times]
+    print(f"{label:<33} median {statistics.median(rates):.3f} img/s (min {min(rates):.3f}, max {max(rates):.3f})")
+    return rates
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=16, help="images per timed run")
@@ -158,19 +165,13 @@ def main() -> None:
     t_all, _ = timed(lambda s: [fast.generate(px, PROMPT_IDS, cfg, seed=s)], 0)
     print(f"fast path, one batch of {len(px)}: {t_all:.2f}s, of which vision encoder {t_vis:.2f}s")
 
-    fast_ips = [args.images / t for t in fast_times]
     print(f"\nimages {args.images}, batch {args.batch}, {settings.num_captions} captions/image, "
           f"max_length {settings.max_length}, repeats {args.repeats}")
     if hf_times:
-        hf_ips = [args.images / t for t in hf_times]
-        print(f"baseline (transformers generate): median {statistics.median(hf_ips):.3f} img/s "
-              f"(min {min(hf_ips):.3f}, max {max(hf_ips):.3f})")
-    print(f"fast (FastBlipDecoder):           median {statistics.median(fast_ips):.3f} img/s "
-          f"(min {min(fast_ips):.3f}, max {max(fast_ips):.3f})")
+        hf_ips = report("baseline (transformers generate):", args.images, hf_times)
+    fast_ips = report("fast (FastBlipDecoder):", args.images, fast_times)
     if int8_times:
-        int8_ips = [args.images / t for t in int8_times]
-        print(f"fast int8 (--int8):               median {statistics.median(int8_ips):.3f} img/s "
-              f"(min {min(int8_ips):.3f}, max {max(int8_ips):.3f})")
+        int8_ips = report("fast int8 (--int8):", args.images, int8_times)
         if hf_times:
             print(f"int8 speed-up: ratio of medians {statistics.median(int8_ips) / statistics.median(hf_ips):.2f}x; "
                   f"median of paired per-repeat ratios "

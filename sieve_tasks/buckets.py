@@ -1,8 +1,8 @@
 """Pool-sized columns processed one key range at a time, in bounded memory.
 
 Values are spread over up to 2^k temporary files by the top k bits of a uint64 key (uids are uniform hashes, so the
-files are even), then read back and sorted a file or two at a time, in key order. Aggregate uses it to find repeated uids, publish to
-sort the kept uids for ``subset.npy``; neither ever holds the whole column.
+files are even), then read back and sorted two files at a time, in key order. Aggregate uses it to find repeated
+uids, publish to sort the kept uids for ``subset.npy``; neither ever holds the whole column.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ class RadixBuckets:
     def __init__(self, dtype: np.dtype, expected_rows: int):
         self.dtype = np.dtype(dtype)
         self.bits = min(MAX_BITS, max(0, math.ceil(math.log2(max(1, expected_rows) / BUCKET_ROWS))))
-        self.rows = 0
 
     def __enter__(self) -> RadixBuckets:
         self._dir = tempfile.TemporaryDirectory(prefix="sieve-buckets-")
@@ -44,7 +43,6 @@ class RadixBuckets:
 
     def add(self, values: np.ndarray, keys: np.ndarray | None = None) -> None:
         """Append ``values``, each to the file of its uint64 key (``keys=None``: the values are the keys)."""
-        self.rows += len(values)
         if not self.bits:
             self._files[0].write(values.tobytes())
             return

@@ -167,7 +167,7 @@ class FastBlipDecoder:
 
     def _logits(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         h = _ln(self.head_act(_lin(x, self.head_dense)), self.head_ln)
-        if out is None or not isinstance(self.head_out, torch.nn.Linear):
+        if out is None:
             return _lin(h, self.head_out)
         # reuse one (rows, vocab) buffer across steps: on CPU a fresh ~8 MB tensor per step costs page faults
         return torch.addmm(self.head_out.bias, h, self.head_out.weight.t(), out=out)
@@ -359,7 +359,7 @@ class FastBlipDecoder:
             if cur >= cfg.max_length or not bool(unfinished.any()):
                 break
             bias[:, cur - 1] = 0
-            if logits_buf is None and self.dtype == torch.float32:
+            if logits_buf is None and isinstance(self.head_out, torch.nn.Linear) and self.dtype == torch.float32:
                 logits_buf = torch.empty((rows, self.head_out.out_features), device=self.device)
             pos = torch.tensor([cur - 1], device=self.device)
             logits = self._step(nxt, pos, cross, cache_k, cache_v, bias, logits_buf)

@@ -87,7 +87,7 @@ def scan_scored(con: duckdb.DuckDBPyConnection, rows: int, selection: dict[str, 
     """One streamed scan of every scored row: the first 64 bits of uids seen more than once (each a candidate
     duplicate, checked on the full uid later) and, when ``selection`` is given, the histogram of its score.
 
-    The uid bits go to range-partitioned temporary files (:class:`RadixBuckets`) that are sorted one at a time,
+    The uid bits go to range-partitioned temporary files (:class:`RadixBuckets`) that are sorted two at a time,
     so memory stays bounded whatever the pool size.
     """
     columns, params = "uid_hi", []
