@@ -16,8 +16,8 @@ import torch
 from sieve_tasks import storage
 from sieve_tasks.models import Device
 from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
-from sieve_tasks.shards import SampleError, Sample, Shard, decode_image, read_samples
-from sieve_tasks.stages.base import ShardStage
+from sieve_tasks.shards import UID_PATTERN, SampleError, Sample, Shard, decode_image, expected_samples, read_samples
+from sieve_tasks.stages.base import InconsistentRun, ShardStage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -151,13 +151,30 @@ class CaptionStage(ShardStage):
                     if len(waiting) == batch_size:
                         flush()
             flush()
+        expected = expected_samples(shard)
+        missing = expected.missing({row["key"] for row in rows})
+        rows += [self._missing_row(shard, len(rows) + i, listed) for i, listed in enumerate(missing)]
+        if shard.current_identity() != shard.identity:
+            raise InconsistentRun(f"shard {shard.shard_id}: {shard.tar_uri} changed while it was being read; "
+                                  "run the stage again")
         for row in rows:
             row["status"] = "ok" if row["reason"] is None else "failed"
-        facts = {"captioned": sum(r["caption_source"] == "captioner" for r in rows),
+        facts = {"expected": expected.count, "expected_source": expected.source, "missing_from_tar": len(missing),
+                 "captioned": sum(r["caption_source"] == "captioner" for r in rows),
                  "provided": sum(r["caption_source"] == "provided" for r in rows),
                  "oom_splits": self._captioner.oom_splits if self._captioner else 0,
                  "device": self._captioner.device.describe() if self._captioner else None}
         return pa.Table.from_pylist(rows, schema=CAPTIONS_SCHEMA), facts
+
+    @staticmethod
+    def _missing_row(shard: Shard, position: int, listed: dict[str, Any]) -> dict[str, Any]:
+        """A sample the shard's sidecar lists as downloaded but its tar does not hold: recorded, never lost."""
+        uid = listed.get("uid")
+        uid = uid.lower() if isinstance(uid, str) and UID_PATTERN.match(uid.lower()) else None
+        row = {name: None for name in CAPTIONS_SCHEMA.names}
+        row.update(uid=uid, shard=shard.shard_id, key=listed["key"], position=position, reason="missing_from_tar",
+                   url=listed.get("url"), text_truncated=False)
+        return row
 
     @staticmethod
     def _row(prepared: Prepared, metadata_clip: dict[str, float]) -> dict[str, Any]:

@@ -14,13 +14,15 @@ from numpy.lib import format as npy_format
 from sieve_tasks import storage
 from sieve_tasks.buckets import RadixBuckets
 from sieve_tasks.pool import pool_shards
-from sieve_tasks.stages.aggregate import candidate_filter, connect, define_views, score_files, score_expression, thresholds_uri
-from sieve_tasks.stages.base import marker_uri
+from sieve_tasks.stages.aggregate import (candidate_filter, check_score_files, connect, define_views, score_expression,
+                                         score_files, scores_fingerprint, thresholds_uri)
+from sieve_tasks.stages.base import InconsistentRun, marker_uri
 from sieve_tasks.test_models import is_test_model
 
 SUBSET_DTYPE = np.dtype("u8,u8")
 KEPT_COLUMNS = ("shard", "key", "url", "sieve_score", "sieve_mean", "clip_score", "best_caption")
 ROWS_PER_BATCH = 1 << 18
+MANIFEST_FILES = ("subset.npy", "kept.parquet", "summary.json", "_SUCCESS")
 DICTIONARY_COLUMNS = ["shard"]  # the other columns are (nearly) unique per row: a dictionary only costs time
 TEST_PROFILE_WARNING = (
     "TEST PROFILE: the captioner and CLIP are tiny randomly initialised models built offline; the scores "
@@ -34,11 +36,19 @@ def manifest_uri(run: str, name: str = "") -> str:
 
 def publish(run: str) -> dict[str, Any]:
     """Write the manifest of an aggregated run and return its summary."""
+    # _SUCCESS goes first and comes back last: whatever a killed publish leaves, it never vouches for it
+    storage.remove(manifest_uri(run, "_SUCCESS"))
+    for name in MANIFEST_FILES:
+        storage.sweep_temporaries(manifest_uri(run, name))
     thresholds = storage.read_json(thresholds_uri(run))
     selection = thresholds["selection"]
     shards = pool_shards(run)
     files, score_markers = score_files(run, shards)
+    if thresholds.get("scores_fingerprint") != scores_fingerprint(score_markers):
+        raise InconsistentRun(f"{thresholds_uri(run)} was computed from other scores than the run holds now "
+                              "(shards were re-scored since): run aggregate again")
     con = connect(run)
+    check_score_files(con, files, score_markers)
     define_views(con, files, thresholds["duplicates_file"])
     expression, params = score_expression(selection)
     # Pool order (shard, position) without a sort: DuckDB streams the files in the given (shard) order when told
@@ -157,6 +167,6 @@ def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str,
         "captioning": caption_facts,
         "timings_seconds": {"caption": caption_s, "embed": embed_s, "score": score_s,
                             "aggregate": thresholds["seconds"]},
-        "manifest": {name: manifest_uri(run, name) for name in ("subset.npy", "kept.parquet", "summary.json")},
+        "manifest": {name: manifest_uri(run, name) for name in MANIFEST_FILES[:3]},
         "shards": len(markers["scores"]),
     }
