@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pickle import UnpicklingError
 
 from sieve_tasks import lease, models
 from sieve_tasks.settings import METADATA_CLIP_COLUMNS, PROFILES, SCORES, Settings, parse_weights
@@ -114,9 +115,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _dispatch(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
-        print(f"sieve {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, UnpicklingError) as exc:
+        print(f"sieve {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, UnpicklingError):  # torch's explanation runs to a page; the cause fits in one line
+        return "refused to load a checkpoint that holds pickled objects (only plain tensors are loaded: weights_only)"
+    return str(exc)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -143,6 +150,9 @@ def _dispatch_run_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.profile == "test":
         print(TEST_PROFILE_WARNING, file=sys.stderr)
+    if args.command in ("run", "caption", "embed"):  # a model that cannot load fails now, not after hours of work
+        models.require_available(settings.required_models(("caption", "embed") if args.command == "run"
+                                                          else (args.command,)))
     if args.command == "aggregate":
         print(json.dumps(aggregate(args.run, settings)["selection"], indent=2))
     elif args.command == "run":

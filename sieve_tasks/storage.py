@@ -44,8 +44,12 @@ def naming(action: str, uri: str, errors: tuple[type[BaseException], ...] = (Exc
     """Re-raise ``errors`` as a :class:`StorageError` that names the object and the cause."""
     try:
         yield
-    except (StorageError, FileNotFoundError):
+    except StorageError:
         raise
+    except FileNotFoundError as exc:
+        if uri in str(exc):
+            raise
+        raise FileNotFoundError(f"{action} {uri}: not found ({exc})") from exc
     except errors as exc:
         raise StorageError(f"{action} {uri} failed: {type(exc).__name__}: {exc}") from exc
 

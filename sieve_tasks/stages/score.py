@@ -3,6 +3,7 @@ sample. Writes ``RUN/scores/<shard>.parquet`` (one row per sample read, failed o
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import Any
 
@@ -67,7 +68,8 @@ class ScoreStage(ShardStage):
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
         mask = make_masker(self.settings.mask_phrases, self.settings.mask_mode)
         captions = self.read_upstream("captions", shard).to_pylist()
-        embeddings = {(e["position"], e["key"], e["uid"]): e for e in self.read_upstream(self.upstream, shard).to_pylist()}
+        embeddings = {(e["position"], e["key"], e["uid"]): e  # joined on the sample, never on position alone
+                      for e in self.read_upstream(self.upstream, shard).to_pylist()}
         if len(embeddings) != len(captions):
             raise InconsistentRun(f"shard {shard.shard_id}: {len(captions)} caption rows but {len(embeddings)} "
                                   "embedding rows: re-run the embed stage")
@@ -92,6 +94,9 @@ class ScoreStage(ShardStage):
                 width = cap["original_width"] or cap["width"]
                 height = cap["original_height"] or cap["height"]
                 row.update(basic_filter_features(cap["text"], width, height))
+                if not all(math.isfinite(row[c]) for c in ("sieve_score", "sieve_mean", "clip_score")
+                           if row[c] is not None):
+                    row.update(status="failed", reason="non_finite_score")  # a model overflowed on this sample
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), {}
 
