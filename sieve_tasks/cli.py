@@ -168,6 +168,10 @@ def _report(summary: dict) -> None:
     counts = summary["counts"]
     print(f"read {counts['read']}  scored {counts['scored']}  failed {counts['failed']}  "
           f"duplicates {counts['duplicates']}  kept {counts['kept']}  (threshold {summary['thresholds']['threshold']:.6g})")
+    if counts["expected"] is None:
+        print(f"  expected: unknown for {counts['expected_unknown_shards']} shards (no sidecar parquet or _stats.json)")
+    elif counts["expected"] != counts["read"]:
+        print(f"  expected {counts['expected']} samples by the shards' sidecars, read {counts['read']}")
     for reason, count in summary["failed_by_reason"].items():
         print(f"  failed: {reason}: {count}")
     for name, uri in summary["manifest"].items():

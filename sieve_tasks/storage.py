@@ -204,19 +204,19 @@ def read_versioned(uri: str) -> tuple[bytes, str]:
 def write_if(uri: str, data: bytes, version: str | None) -> None:
     """Write ``data`` only if ``uri`` does not exist (``version`` None) or is still at ``version``; else raise
     :class:`PreconditionFailed`. Object stores get a conditional PUT (``If-None-Match: *`` / ``If-Match``);
-    local files a check and rename under an exclusive ``flock`` of ``<uri>.lock``."""
+    local files a check and rename under an exclusive ``flock`` of the file's directory."""
     if is_local(uri):
         target = _local_path(uri)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(target + ".lock", "a") as lock:
+        lock = os.open(os.path.dirname(target), os.O_RDONLY)
+        try:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                current = read_versioned(uri)[1] if os.path.exists(target) else None
-                if current != version:
-                    raise PreconditionFailed(f"{uri} {'exists' if version is None else 'changed'} (conditional write refused)")
-                write_bytes_atomic(uri, data)
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            current = read_versioned(uri)[1] if os.path.exists(target) else None
+            if current != version:
+                raise PreconditionFailed(f"{uri} {'exists' if version is None else 'changed'} (conditional write refused)")
+            write_bytes_atomic(uri, data)
+        finally:
+            os.close(lock)  # releases the lock
         return
     fs, path = filesystem(uri)
     bucket, key, _ = fs.split_path(path)

@@ -145,12 +145,20 @@ def _stage_record(markers: list[dict[str, Any]]) -> tuple[dict[str, Any], float,
     return markers[0]["settings"], round(sum(m["seconds"] for m in markers), 3), facts
 
 
+def _expected(markers: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many samples the pool should hold (img2dataset's sidecars), or None with the shards that do not say."""
+    unknown = [m["shard"] for m in markers if m.get("expected") is None]
+    return {"expected": None if unknown else sum(m["expected"] for m in markers),
+            "expected_unknown_shards": len(unknown),
+            "missing_from_tar": sum(m.get("missing_from_tar", 0) for m in markers)}
+
+
 def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str, list[dict[str, Any]]]
              ) -> dict[str, Any]:
     captions, caption_s, caption_facts = _stage_record(markers["captions"])
     embeddings, embed_s, _ = _stage_record(markers["embeddings"])
     scores, score_s, _ = _stage_record(markers["scores"])
-    counts = {**thresholds["counts"], "kept": kept}
+    counts = {**thresholds["counts"], "kept": kept, **_expected(markers["captions"])}
     test_profile = is_test_model(captions["captioner"]) or is_test_model(embeddings["clip"])
     unique = counts["scored"] - counts["duplicates"]
     return {
