@@ -26,12 +26,12 @@ import hashlib
 import logging
 import math
 import os
-import pickle
 import re
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from pickle import UnpicklingError  # the exception only: files are read with torch.load(weights_only=True)
 from typing import TYPE_CHECKING, Any
 
 from sieve_tasks import storage
@@ -173,7 +173,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except UnpicklingError as exc:
         if found := _UNSAFE_GLOBAL.search(str(exc)):
             raise CheckpointError(f"{path}: refused, it holds a pickled Python object ({found.group(1)}), not only "
                                   "tensors (checkpoints are read with weights_only=True)") from None
