@@ -288,7 +288,7 @@ class BlipCheckpointLoader:
         config = self._config(path)
         converted = to_transformers_names(read_state_dict(path))
         if converted.unknown:
-            raise CheckpointError(f"{path}: vision encoder entries BLIP-base does not have: {_few(converted.unknown)}")
+            raise CheckpointError(f"{path}: vision encoder entries BLIP's ViT does not have: {_few(converted.unknown)}")
         patch = config.vision_config.patch_size
         if self.image_size % patch:
             raise CheckpointError(f"{path}: image size {self.image_size} is not a multiple of the patch size {patch}")
@@ -300,8 +300,9 @@ class BlipCheckpointLoader:
             expected = {k: v.shape for k, v in BlipForConditionalGeneration(config).state_dict().items()}
         self._check(path, weights, expected)
         if converted.ignored:
+            groups = sorted(Counter(key.split(".")[0] for key in converted.ignored).items())
             log.info("%s: ignored %d pretraining-only entries: %s", path, len(converted.ignored),
-                     ", ".join(f"{p} ({n})" for p, n in sorted(Counter(k.split(".")[0] for k in converted.ignored).items())))
+                     ", ".join(f"{prefix} ({count})" for prefix, count in groups))
             log.debug("ignored entries: %s", converted.ignored)
         model = BlipForConditionalGeneration.from_pretrained(None, config=config, state_dict=weights, dtype=dtype)
         tokenizer = self._tokenizer(path, config)

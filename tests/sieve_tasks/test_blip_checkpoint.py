@@ -185,6 +185,18 @@ def test_unreadable_and_mismatched_files_are_clear_errors(tmp_path, tiny):
                                        torch.float32)
 
 
+def test_a_bare_state_dict_is_read_and_unknown_vision_entries_are_refused(tmp_path, tiny):
+    state = blip_original_state_dict(tiny[0])
+    bare = tmp_path / "bare" / "model.pth"
+    bare.parent.mkdir()
+    torch.save(state, bare)
+    assert read_state_dict(bare).keys() == state.keys()
+    torch.save({"model": {**state, "visual_encoder.dist_token": torch.zeros(1, 1, 32)}}, bare)
+    tiny[0].config.save_pretrained(bare.parent)
+    with pytest.raises(CheckpointError, match="ViT does not have: visual_encoder.dist_token"):
+        BlipCheckpointLoader(224).load(str(bare), torch.float32)
+
+
 def test_default_architecture_and_tokenizer_are_blips():
     config = blip_base_config()
     text, vision = config.text_config, config.vision_config
@@ -265,7 +277,8 @@ def test_url_is_downloaded_once_with_its_sha256_recorded(served, monkeypatch, tm
     assert first.path.with_name("model_tiny.pth.sha256").read_text() == f"{sha256}  model_tiny.pth\n"
     assert (first.path.parent / "config.json").is_file()  # the tiny architecture came along
     pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1))
-    assert BlipCaptioner(url, CPU, Settings()).caption(pixels, 3) == BlipCaptioner(str(hf_dir), CPU, Settings()).caption(pixels, 3)
+    expected = BlipCaptioner(str(hf_dir), CPU, Settings()).caption(pixels, 3)
+    assert BlipCaptioner(url, CPU, Settings()).caption(pixels, 3) == expected
     assert fetch_checkpoint(url) == first
     assert server.gets["/blip/model_tiny.pth"] == 1
 
