@@ -18,7 +18,9 @@ def _model_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("models and inference")
     g.add_argument("--profile", choices=PROFILES, default="default",
                    help="'test' swaps captioner and CLIP for tiny random models built offline")
-    g.add_argument("--captioner", default=models.DEFAULT_CAPTIONER, help="BLIP: HF id, local dir or s3:// prefix")
+    g.add_argument("--captioner", default=models.DEFAULT_CAPTIONER,
+                   help="BLIP: HF id, local dir, s3:// prefix, or an original BLIP checkpoint (.pth local, s3://, "
+                   "https://) or preset (blip-base-14m = SIEVE's, blip-base-129m, blip-base-capfilt-large)")
     g.add_argument("--captions", help="parquet with uid + captions (list) to use instead of captioning; "
                    "'{shard}' in the path means one file per shard")
     g.add_argument("--num-captions", type=int, default=8)

@@ -85,6 +85,13 @@ def read_bytes(uri: str) -> bytes:
         return fs.cat_file(path)
 
 
+def download(uri: str, local_path: str) -> None:
+    """Copy one object (local, ``s3://``, ``http(s)://``) to a local file, streamed."""
+    with naming("downloading", uri):
+        fs, path = filesystem(uri)
+        fs.get_file(path, local_path)
+
+
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from sieve_tasks import storage
+from sieve_tasks.blip_checkpoint import fetch_checkpoint, is_blip_checkpoint
 from sieve_tasks.models import Device
 from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
 from sieve_tasks.shards import UID_PATTERN, SampleError, Sample, Shard, decode_image, expected_samples, read_samples
@@ -62,6 +63,13 @@ class CaptionStage(ShardStage):
 
         self._transform = clip_style_transform(settings.image_size)
 
+    def stage_settings(self) -> dict[str, Any]:
+        """The settings plus, for a BLIP ``.pth`` captioner, the file's SHA-256 (a path or URL does not pin its
+        content). Captioners named otherwise keep their fingerprints, so finished runs are not recomputed."""
+        settings = super().stage_settings()
+        if is_blip_checkpoint(self.settings.captioner):
+            settings["captioner_sha256"] = fetch_checkpoint(self.settings.captioner).sha256
+        return settings
 
     @property
     def captioner(self):
