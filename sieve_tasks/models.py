@@ -107,7 +107,7 @@ def _location_problem(ref: str) -> str | None:
     if ref.startswith("s3://"):
         fs, path = storage.filesystem(ref)
         return None if fs.exists(path) else f"{ref} does not exist"
-    return None if os.path.exists(ref) else f"{ref} does not exist"
+    return f"{ref} does not exist"
 
 
 def unavailable(kind: str, ref: str) -> str | None:
@@ -115,17 +115,20 @@ def unavailable(kind: str, ref: str) -> str | None:
 
     Checked when a run is planned, so a model that would only fail after minutes of work (and retries) fails in
     seconds. A hub id counts as available when it is in the local hub cache or the hub may be reached."""
+    from sieve_tasks.blip_checkpoint import PRESETS, is_blip_checkpoint
     from sieve_tasks.test_models import is_test_model
 
-    if ref == "none" or is_test_model(ref) or ref in PACKAGED_TEXT_ENCODERS:
+    if ref == "none" or is_test_model(ref) or ref in PACKAGED_TEXT_ENCODERS or os.path.exists(ref):
         return None
+    if ref in PRESETS or ref.startswith(("http://", "https://")):
+        return None  # downloaded once into the cache; a failed download names its URL
     flag = "--" + kind.replace("_", "-")
-    if ref.startswith("s3://") or os.path.isabs(ref) or ref.startswith("."):
+    if ref.startswith("s3://") or os.path.isabs(ref) or ref.startswith(".") or is_blip_checkpoint(ref):
         problem = _location_problem(ref)
         return f"{kind} {ref} is not available: {problem}" if problem else None
     if kind == "clip":
         name, _, pretrained = ref.partition(":")
-        if os.path.isdir(ref) or (pretrained and os.path.exists(pretrained)):
+        if pretrained and os.path.exists(pretrained):
             return None
         import open_clip
 
@@ -135,7 +138,7 @@ def unavailable(kind: str, ref: str) -> str | None:
             return None
         if not repo and not _hub_offline():
             return None
-    elif os.path.isdir(ref) or _in_hub_cache(ref) or not _hub_offline():
+    elif _in_hub_cache(ref) or not _hub_offline():
         return None
     return (f"{kind} {ref} is not available offline: point {flag} at a local directory or s3:// model store, "
             "or use --profile test for a demo")
