@@ -147,7 +147,7 @@ def _stage_record(markers: list[dict[str, Any]]) -> tuple[dict[str, Any], float,
 
 def _expected(markers: list[dict[str, Any]]) -> dict[str, Any]:
     """How many samples the pool should hold (img2dataset's sidecars), or None with the shards that do not say."""
-    unknown = [m["shard"] for m in markers if m.get("expected") is None]
+    unknown = [m.get("shard") for m in markers if m.get("expected") is None]
     return {"expected": None if unknown else sum(m["expected"] for m in markers),
             "expected_unknown_shards": len(unknown),
             "missing_from_tar": sum(m.get("missing_from_tar", 0) for m in markers)}

@@ -132,15 +132,18 @@ def _killed_after_rename(match: str, nth: int, args: list[str]) -> None:
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("stage", ["captions", "embeddings", "scores"])
-def test_change_a_setting_kill_after_rename_change_back(stage, sample_pool, test_profile_run, tmp_path):
-    """A shard's output renamed into place under another setting, killed before its marker: going back to the
-    first setting recomputes it (the marker matches, the data does not) and equals the uninterrupted run."""
+@pytest.mark.parametrize("written, other", [
+    ("/captions/00000000.parquet", ["--seed", "7"]),
+    ("/embeddings/00000000.parquet", ["--mask-mode", "word"]),
+    ("/scores/00000000.parquet", ["--mask-phrases", "long"]),
+    ("/thresholds.json", ["--fraction", "0.5"]),
+], ids=["captions", "embeddings", "scores", "aggregate"])
+def test_change_a_setting_kill_after_rename_change_back(written, other, sample_pool, test_profile_run, tmp_path):
+    """An output renamed into place under another setting, killed before its marker: going back to the first
+    setting recomputes it (the marker matches, the data does not) and equals the uninterrupted run."""
     run = tmp_path / "run"
     shutil.copytree(test_profile_run, run)
-    other = {"captions": ["--seed", "7"], "embeddings": ["--mask-mode", "word"], "scores": ["--mask-phrases", "long"]}
-    _killed_after_rename(f"/{stage}/00000000.parquet", 1,
-                         ["run", sample_pool, str(run), *TEST_RUN, "--overwrite", *other[stage]])
+    _killed_after_rename(written, 1, ["run", sample_pool, str(run), *TEST_RUN, "--overwrite", *other])
     assert main(["run", sample_pool, str(run), *TEST_RUN]) == 0
     _same_manifest(run, test_profile_run)
 
