@@ -33,6 +33,9 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="refuse larger images")
     g.add_argument("--decode-workers", type=int, default=4, help="threads decoding JPEGs beside the model")
+    g.add_argument("--caption-cache", metavar="URI",
+                   help="captions reused across runs, keyed by the image's SHA-256 and the caption settings "
+                   "(local or s3://); images found there are neither decoded nor captioned")
     g.add_argument("--text-encoder", default=models.DEFAULT_TEXT_ENCODER,
                    help="sentence-transformers reference (default: the packaged all-MiniLM-L6-v2)")
     g.add_argument("--clip", default=models.DEFAULT_CLIP,
