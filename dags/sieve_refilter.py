@@ -7,14 +7,15 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.sdk import Param, Variable, dag, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from sieve_airflow.params import execution_params, model_params, selection_params
-from sieve_airflow.pipeline import build_pipeline, plan_run, run_base
+from sieve_airflow.pipeline import build_pipeline, object_store, plan_run, run_base
 from sieve_airflow.planning import join_uri
 
 CRAWL_BASE_VARIABLE = "sieve_crawl_base"
 REFERENCE_VARIABLE = "sieve_reference_run"
+CAPTION_CACHE_VARIABLE = "sieve_caption_cache"
 
 DOC = """
 ### SIEVE daily refilter
@@ -30,6 +31,11 @@ instead to select within the day.
 A day without shards ends with **list_shards skipped** (and everything after it), not failed. Backfill
 with `airflow backfill create --dag-id sieve_refilter --from-date ... --to-date ...`; reruns of a day reuse its
 directory and skip finished shards. The published manifest updates the `sieve-manifest` asset.
+
+Captions are reused across days through the **caption cache** (param *caption_cache*, else the Variable
+`sieve_caption_cache`): an image whose bytes were captioned before with the same settings is not captioned
+again. After publishing, **compact_caption_cache** merges the cache's small files and drops entries not used
+for *cache_retention_days* days; the summary shows hits, misses and the captioning time saved.
 """
 
 
@@ -51,6 +57,10 @@ directory and skip finished shards. The published manifest updates the `sieve-ma
                                 title="Input template",
                                 description="Python format string; fields: base, ds, ds_nodash, "
                                             "data_interval_start, data_interval_end."),
+        "cache_retention_days": Param(30, type=["null", "integer"], minimum=1, section="Data",
+                                      title="Caption cache retention (days)",
+                                      description="After publishing, the caption cache drops entries not used for "
+                                                  "this many days; empty: it only merges small files."),
         **selection_params(),
         **model_params(),
         **execution_params(),
@@ -78,9 +88,23 @@ def sieve_refilter() -> None:
                 raise AirflowFailException(f"no selection rule: set the Variable {REFERENCE_VARIABLE} (a reference "
                                            "run) or give thresholds_from, fraction or threshold")
             resolved["thresholds_from"] = reference
+        if not resolved.get("caption_cache"):
+            resolved["caption_cache"] = Variable.get(CAPTION_CACHE_VARIABLE, default=None)
         return plan_run(resolved, input_spec, join_uri(run_base(), "refilter", ds), skip_if_empty=True)
 
-    build_pipeline(list_shards())
+    @task
+    def compact_caption_cache(plan: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """Merge the cache's small files, fold in today's hits, drop entries unused for the retention period."""
+        uri = plan["settings"].get("caption_cache")
+        if not uri:
+            raise AirflowSkipException("this run used no caption cache")
+        from sieve_tasks.cache_admin import compact
+
+        with object_store(plan.get("aws_conn_id")):
+            return compact(uri, params.get("cache_retention_days"))
+
+    listing = list_shards()
+    build_pipeline(listing) >> compact_caption_cache(listing["plan"])
 
 
 sieve_refilter()

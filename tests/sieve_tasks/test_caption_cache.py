@@ -16,7 +16,7 @@ import pytest
 from sieve_tasks import cache_admin, caption_cache
 from sieve_tasks.cli import main
 from sieve_tasks.sample_pool import SAMPLES, _jpeg
-from tests.shardmaker import ShardBuilder
+from tests.shardmaker import write_photo_day
 
 pytestmark = pytest.mark.slow
 
@@ -26,22 +26,11 @@ NEW = [10, 11, 12, 13]  # 40 % never seen
 ARGS = ["--profile", "test", "--no-progress", "--fraction", "0.5"]
 
 
-def _write_day(directory: Path, day: str, photos: list[int]) -> None:
-    directory.mkdir(parents=True)
-    shards = [photos[: len(photos) // 2], photos[len(photos) // 2 :]]
-    for number, chunk in enumerate(shards):
-        builder = ShardBuilder()
-        for index, photo in enumerate(chunk):
-            jpeg = _jpeg(SAMPLES[photo][0]())[0]
-            builder.sample(f"{day}{number:02d}{index:04d}", f"{day}: {SAMPLES[(photo + 3) % 16][1]}", jpeg)
-        builder.write(directory / f"{number:08d}.tar")
-
-
 @pytest.fixture(scope="module")
 def crawl(tmp_path_factory) -> Path:
     base = tmp_path_factory.mktemp("crawl")
-    _write_day(base / "day1", "1", DAY1)
-    _write_day(base / "day2", "2", REPEATED + NEW)
+    write_photo_day(base / "day1", "1", DAY1)
+    write_photo_day(base / "day2", "2", REPEATED + NEW)
     return base
 
 
