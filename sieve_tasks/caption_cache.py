@@ -167,8 +167,7 @@ class CacheIndex:
     def __init__(self, keys_by_file: dict[str, np.ndarray], counts: CacheCounts):
         self.keys_by_file = keys_by_file
         self.counts = counts
-        merged = np.concatenate(list(keys_by_file.values())) if keys_by_file else np.empty(0, np.uint64)
-        self.keys = np.unique(merged)
+        self.keys = np.sort(np.concatenate(list(keys_by_file.values()))) if keys_by_file else np.empty(0, np.uint64)
 
     def maybe(self, digest: bytes) -> bool:
         """Whether some entry has this digest's first 8 bytes (thread-safe: read-only)."""
@@ -211,21 +210,23 @@ def _rows_of(file_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
 
 
 def _read_rows(uri: str, rows: np.ndarray, wanted: set[bytes]) -> dict[bytes, Cached]:
-    """The wanted entries among ``rows`` of one file (an 8-byte prefix match is checked on all 32 bytes)."""
-    out: dict[bytes, Cached] = {}
+    """The wanted entries among ``rows`` of one file, read with the row groups holding them in one call (an
+    8-byte prefix match is checked on all 32 bytes)."""
     with storage.open_file(uri) as handle:
         parquet = pq.ParquetFile(handle)
-        starts = np.cumsum([0] + [parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
-        groups = np.searchsorted(starts, rows, side="right") - 1
-        for group in np.unique(groups):
-            table = parquet.read_row_group(int(group), columns=["sha256", "captions", "seconds"])
-            local = rows[groups == group] - starts[group]
-            picked = table.take(pa.array(local))
-            for digest, captions, seconds in zip(picked.column("sha256").to_pylist(),
-                                                 picked.column("captions").to_pylist(),
-                                                 picked.column("seconds").to_pylist()):
-                if digest in wanted and captions:
-                    out[digest] = Cached(captions, float(seconds or 0.0))
+        sizes = np.array([parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        group_of_row = np.searchsorted(starts, rows, side="right") - 1
+        groups = np.unique(group_of_row)
+        table = parquet.read_row_groups(groups.tolist(), columns=["sha256", "captions", "seconds"])
+    # where each group begins in the concatenation of the groups read
+    read_starts = np.concatenate([[0], np.cumsum(sizes[groups])])[np.searchsorted(groups, group_of_row)]
+    picked = table.take(pa.array(read_starts + rows - starts[group_of_row]))
+    out: dict[bytes, Cached] = {}
+    for digest, captions, seconds in zip(picked.column("sha256").to_pylist(), picked.column("captions").to_pylist(),
+                                         picked.column("seconds").to_pylist()):
+        if digest in wanted and captions:
+            out[digest] = Cached(captions, float(seconds or 0.0))
     return out
 
 
