@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 LAYOUT = "captions-v1"
 PARTITION_DIGITS = 1  # 16 partitions: a shard's ~10k hashes touch all of them whatever the count
 ROW_GROUP_ROWS = 512  # a fetch reads whole row groups: small ones keep that close to the rows it needs
+FETCH_BATCH = 1024  # candidate hits whose captions the caption stage fetches together
 HITS_DIR, HISTORY_DIR = "_hits", "_history"
 # What decides a caption besides the image (the resolved dtype is added): the captioner, the prompt, every
 # decoding setting, the image size, the number of captions, int8. Batch size only regroups images.
@@ -112,7 +113,7 @@ class CaptionCache:
         for uri in files:
             if uri not in self._keys:
                 try:
-                    self._keys[uri] = storage.read_parquet(uri, columns=["h"]).column("h").to_numpy()
+                    self._keys[uri] = read_keys(uri)
                 except FileNotFoundError:  # merged away by a compaction since the listing
                     continue
                 except Exception as exc:  # noqa: BLE001 - a broken cache file must never fail the run
@@ -149,6 +150,8 @@ class CaptionCache:
 
     def record_hits(self, digests: list[bytes], counts: CacheCounts) -> None:
         """One hit log per shard: compaction turns it into ``last_used``, ``stats`` into a hit rate."""
+        if counts.hits + counts.misses == 0:  # nothing was looked up
+            return
         now = int(time.time())
         table = pa.table({"sha256": pa.array(digests, pa.binary()), "used": pa.array([now] * len(digests), pa.int64())},
                          schema=HITS_SCHEMA)
@@ -199,6 +202,12 @@ class CacheIndex:
                 self.counts.errors += 1
         self.counts.lookup_seconds += time.perf_counter() - started
         return found
+
+
+def read_keys(uri: str) -> np.ndarray:
+    """A file's ``h`` column (``ParquetFile.read``: several times faster than ``read_table`` on many row groups)."""
+    with storage.open_file(uri) as handle:
+        return pq.ParquetFile(handle).read(columns=["h"], use_threads=False).column("h").to_numpy()
 
 
 def _rows_of(file_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:

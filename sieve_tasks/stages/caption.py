@@ -16,7 +16,14 @@ import pyarrow as pa
 import torch
 
 from sieve_tasks import storage
-from sieve_tasks.caption_cache import CacheCounts, CacheIndex, CaptionCache, cache_fingerprint, image_digest
+from sieve_tasks.caption_cache import (
+    FETCH_BATCH,
+    CacheCounts,
+    CacheIndex,
+    CaptionCache,
+    cache_fingerprint,
+    image_digest,
+)
 from sieve_tasks.models import Device
 from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
 from sieve_tasks.shards import SampleError, Sample, Shard, decode_image, open_image, read_samples
@@ -24,7 +31,6 @@ from sieve_tasks.stages.base import ShardStage
 
 T = TypeVar("T")
 R = TypeVar("R")
-CACHE_FETCH_BATCH = 1024  # candidate hits whose captions are fetched together
 
 CAPTIONS_SCHEMA = pa.schema([
     ("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("position", pa.int64()),
@@ -201,7 +207,7 @@ class CaptionStage(ShardStage):
                         row["reason"], row["captions"] = "invalid_provided_captions", None
                 elif prepared.cached:
                     candidates.append((row, prepared))
-                    if len(candidates) == CACHE_FETCH_BATCH:
+                    if len(candidates) == FETCH_BATCH:
                         resolve()
                 else:
                     counts.misses += index is not None

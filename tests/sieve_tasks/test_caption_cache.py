@@ -183,3 +183,17 @@ def test_cli_cache_commands(day1, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["entries_after"] == len(DAY1)
     assert main(["cache", "prune", str(cache), "--days", "1"]) == 0
     assert json.loads(capsys.readouterr().out)["entries_after"] == len(DAY1)
+
+
+def test_cache_on_s3(s3_server, sample_pool, tmp_path):
+    """The same cache on an S3-compatible server (moto): the second run's captions all come from it."""
+    cache = "s3://sieve-test/caption-cache"
+    for name in ("first", "second"):
+        assert main(["caption", sample_pool, str(tmp_path / name), "--caption-cache", cache, "--profile", "test"]) == 0
+    first = pq.read_table(tmp_path / "first" / "captions").to_pylist()
+    second = pq.read_table(tmp_path / "second" / "captions").to_pylist()
+    ok = [i for i, row in enumerate(first) if row["status"] == "ok"]
+    assert [second[i]["caption_source"] for i in ok] == ["cache"] * 16
+    assert [second[i]["captions"] for i in ok] == [first[i]["captions"] for i in ok]
+    assert cache_admin.compact(cache)["entries_after"] == 16
+    assert cache_admin.stats(cache)["fingerprints"][0]["hits"] == 16
