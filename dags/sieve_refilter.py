@@ -28,7 +28,9 @@ By default it keeps what a **reference run** would keep: its threshold is reused
 param or the Variable `sieve_reference_run`), so daily subsets are comparable. Give *fraction* or *threshold*
 instead to select within the day.
 
-A day without shards ends with **list_shards skipped** (and everything after it), not failed. Backfill
+The DAG is **paused when first created**: set the crawl base (and a reference run), then unpause it.
+A day whose prefix exists but holds no shards ends with **list_shards skipped** (and everything after it; the
+log names the prefix it checked); a missing bucket or prefix fails the run. Backfill
 with `airflow backfill create --dag-id sieve_refilter --from-date ... --to-date ...`; reruns of a day reuse its
 directory and skip finished shards. The published manifest updates the `sieve-manifest` asset.
 
@@ -44,6 +46,7 @@ for *cache_retention_days* days; the summary shows hits, misses and the captioni
     schedule="@daily",
     start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),
     catchup=False,
+    is_paused_upon_creation=True,  # nothing to curate until the crawl base is configured: unpause after that
     max_active_runs=2,
     tags=["sieve", "refilter", "datacomp"],
     doc_md=DOC,

@@ -44,8 +44,9 @@ PARTITION_DIGITS = 1  # 16 partitions: a shard's ~10k hashes touch all of them w
 ROW_GROUP_ROWS = 512  # a fetch reads whole row groups: small ones keep that close to the rows it needs
 FETCH_BATCH = 1024  # candidate hits whose captions the caption stage fetches together
 HITS_DIR, HISTORY_DIR = "_hits", "_history"
-# What decides a caption besides the image (the resolved dtype is added): the captioner, the prompt, every
-# decoding setting, the image size, the number of captions, int8. Batch size only regroups images.
+# What decides a caption besides the image (the compute dtype and a BLIP checkpoint's SHA-256 are added): the
+# captioner, the prompt, every decoding setting, the image size, the number of captions, int8. The batch size
+# only regroups images.
 CAPTION_KEY_SETTINGS = ("captioner", "prompt", "top_p", "min_length", "max_length", "repetition_penalty",
                         "image_size", "num_captions", "seed", "fast_decode", "int8")
 ENTRY_SCHEMA = pa.schema([
@@ -55,9 +56,10 @@ ENTRY_SCHEMA = pa.schema([
 HITS_SCHEMA = pa.schema([("sha256", pa.binary()), ("used", pa.int64())])
 
 
-def cache_fingerprint(settings: Settings, dtype: str) -> str:
-    """The namespace of the entries a run may reuse: captioner and decoding settings, and the compute dtype."""
-    return fingerprint({"layout": LAYOUT, "settings": settings.subset(*CAPTION_KEY_SETTINGS), "dtype": dtype})
+def cache_fingerprint(settings: Settings, identity: dict[str, str]) -> str:
+    """The namespace of the entries a run may reuse: captioner and decoding settings, plus ``identity`` (the
+    compute dtype; a BLIP checkpoint file's SHA-256)."""
+    return fingerprint({"layout": LAYOUT, "settings": settings.subset(*CAPTION_KEY_SETTINGS), **identity})
 
 
 def image_digest(data: bytes) -> bytes:
@@ -248,7 +250,7 @@ def partition_of_file(uri: str) -> str:
 
 
 def entry_files(root: str) -> list[str]:
-    """The entry files of one fingerprint (not hit logs, not a writer's hidden temporary file)."""
+    """The entry files of one fingerprint (not hit logs, not a writer's staging file)."""
     return namespace(root).entries
 
 
@@ -273,7 +275,7 @@ def namespace(root: str) -> Fingerprinted:
     space = Fingerprinted(root)
     for file in storage.find_files(root, ""):
         folder, name = file.rstrip("/").rsplit("/", 2)[-2:]
-        if name.startswith("."):  # a writer's temporary file, or one left by a killed writer
+        if folder == storage.TEMPORARY_DIR:  # a writer's staging file, or one left by a killed writer
             continue
         if folder == HITS_DIR and name.endswith(".parquet"):
             space.hits.append(file)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from PIL import Image
 
+from sieve_tasks.blip_checkpoint import BlipCheckpointLoader, is_blip_checkpoint
 from sieve_tasks.fast_blip import FastBlipDecoder
 from sieve_tasks.int8 import quantize_linears
 from sieve_tasks.models import Device, is_oom, materialize
@@ -39,13 +40,17 @@ class BlipCaptioner:
     def __init__(self, ref: str, device: Device, settings: Settings):
         from transformers import AutoTokenizer, BlipForConditionalGeneration
 
-        path = str(tiny_model_dir(ref)) if is_test_model(ref) else materialize(ref)
         self.device = device
         self.settings = settings
-        self.model = BlipForConditionalGeneration.from_pretrained(path, dtype=device.dtype).to(device.device).eval()
+        if is_blip_checkpoint(ref):  # BLIP's original .pth format (SIEVE's own captioner)
+            model, self.tokenizer = BlipCheckpointLoader(settings.image_size).load(ref, device.dtype)
+        else:
+            path = str(tiny_model_dir(ref)) if is_test_model(ref) else materialize(ref)
+            model = BlipForConditionalGeneration.from_pretrained(path, dtype=device.dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = model.to(device.device).eval()
         if settings.int8:
             quantize_linears(self.model)
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.prompt_ids = self.tokenizer(settings.prompt, return_tensors="pt").input_ids
         self.fast = FastBlipDecoder(self.model) if settings.fast_decode else None
         self.oom_splits = 0

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pickle import UnpicklingError
 
 from sieve_tasks import lease, models
 from sieve_tasks.settings import METADATA_CLIP_COLUMNS, PROFILES, SCORES, Settings, parse_weights
@@ -17,7 +18,9 @@ def _model_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("models and inference")
     g.add_argument("--profile", choices=PROFILES, default="default",
                    help="'test' swaps captioner and CLIP for tiny random models built offline")
-    g.add_argument("--captioner", default=models.DEFAULT_CAPTIONER, help="BLIP: HF id, local dir or s3:// prefix")
+    g.add_argument("--captioner", default=models.DEFAULT_CAPTIONER,
+                   help="BLIP: HF id, local dir, s3:// prefix, or an original BLIP checkpoint (.pth local, s3://, "
+                   "https://) or preset (blip-base-14m = SIEVE's, blip-base-129m, blip-base-capfilt-large)")
     g.add_argument("--captions", help="parquet with uid + captions (list) to use instead of captioning; "
                    "'{shard}' in the path means one file per shard")
     g.add_argument("--num-captions", type=int, default=8)
@@ -126,9 +129,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _dispatch(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as exc:
-        print(f"sieve {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError, UnpicklingError) as exc:
+        print(f"sieve {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, UnpicklingError):  # torch's explanation runs to a page; the cause fits in one line
+        return "refused to load a checkpoint that holds pickled objects (only plain tensors are loaded: weights_only)"
+    return str(exc)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -164,6 +173,9 @@ def _dispatch_run_command(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if settings.profile == "test":
         print(TEST_PROFILE_WARNING, file=sys.stderr)
+    if args.command in ("run", "caption", "embed"):  # a model that cannot load fails now, not after hours of work
+        models.require_available(settings.required_models(("caption", "embed") if args.command == "run"
+                                                          else (args.command,)))
     if args.command == "aggregate":
         print(json.dumps(aggregate(args.run, settings)["selection"], indent=2))
     elif args.command == "run":
@@ -179,6 +191,10 @@ def _report(summary: dict) -> None:
     counts = summary["counts"]
     print(f"read {counts['read']}  scored {counts['scored']}  failed {counts['failed']}  "
           f"duplicates {counts['duplicates']}  kept {counts['kept']}  (threshold {summary['thresholds']['threshold']:.6g})")
+    if counts["expected"] is None:
+        print(f"  expected: unknown for {counts['expected_unknown_shards']} shards (no sidecar parquet or _stats.json)")
+    elif counts["expected"] != counts["read"]:
+        print(f"  expected {counts['expected']} samples by the shards' sidecars, read {counts['read']}")
     for reason, count in summary["failed_by_reason"].items():
         print(f"  failed: {reason}: {count}")
     for name, uri in summary["manifest"].items():

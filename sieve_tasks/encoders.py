@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pickle import UnpicklingError
 
 import numpy as np
 import torch
@@ -66,9 +67,13 @@ class ClipEncoder:
         import open_clip
 
         name, pretrained = open_clip_name(ref)
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained, device=device.device, weights_only=True
-        )
+        try:
+            self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=device.device, weights_only=True
+            )
+        except UnpicklingError:
+            raise ValueError(f"CLIP checkpoint {pretrained or name} refused: it holds pickled objects, and only plain "
+                             "tensors are loaded (weights_only)") from None
         self.model = self.model.to(device.dtype).eval()
         self.tokenizer = open_clip.get_tokenizer(name)
         self.device = device

@@ -88,3 +88,64 @@ def is_oom(exc: BaseException) -> bool:
     import torch
 
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import constants
+
+    return (Path(constants.HF_HUB_CACHE) / f"models--{repo_id.strip('/').replace('/', '--')}" / "snapshots").is_dir()
+
+
+def _location_problem(ref: str) -> str | None:
+    """Why a local path or s3:// reference cannot be loaded (None when it exists)."""
+    if ref.startswith("s3://"):
+        fs, path = storage.filesystem(ref)
+        return None if fs.exists(path) else f"{ref} does not exist"
+    return f"{ref} does not exist"
+
+
+def unavailable(kind: str, ref: str) -> str | None:
+    """Why the model ``ref`` (``kind``: captioner, text_encoder, clip) cannot be loaded on this machine, or None.
+
+    Checked when a run is planned, so a model that would only fail after minutes of work (and retries) fails in
+    seconds. A hub id counts as available when it is in the local hub cache or the hub may be reached."""
+    from sieve_tasks.blip_checkpoint import PRESETS, is_blip_checkpoint
+    from sieve_tasks.test_models import is_test_model
+
+    if ref == "none" or is_test_model(ref) or ref in PACKAGED_TEXT_ENCODERS or os.path.exists(ref):
+        return None
+    if ref in PRESETS or ref.startswith(("http://", "https://")):
+        return None  # downloaded once into the cache; a failed download names its URL
+    flag = "--" + kind.replace("_", "-")
+    if ref.startswith("s3://") or os.path.isabs(ref) or ref.startswith(".") or is_blip_checkpoint(ref):
+        problem = _location_problem(ref)
+        return f"{kind} {ref} is not available: {problem}" if problem else None
+    if kind == "clip":
+        name, _, pretrained = ref.partition(":")
+        if pretrained and os.path.exists(pretrained):
+            return None
+        import open_clip
+
+        config = open_clip.get_pretrained_cfg(name, pretrained) if pretrained else {}
+        repo = (config or {}).get("hf_hub")
+        if repo and (_in_hub_cache(repo) or not _hub_offline()):
+            return None
+        if not repo and not _hub_offline():
+            return None
+    elif _in_hub_cache(ref) or not _hub_offline():
+        return None
+    return (f"{kind} {ref} is not available offline: point {flag} at a local directory or s3:// model store, "
+            "or use --profile test for a demo")
+
+
+def require_available(refs: dict[str, str | None]) -> None:
+    """Raise one error naming every model of ``refs`` (kind → reference, None when not needed) that cannot load."""
+    problems = [problem for kind, ref in refs.items() if ref is not None and (problem := unavailable(kind, ref))]
+    if problems:
+        raise FileNotFoundError("; ".join(problems))

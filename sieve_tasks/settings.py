@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,6 +81,10 @@ class Settings:
             self.captioner = TINY_BLIP
             if self.clip != "none":
                 self.clip = TINY_CLIP
+        for name in ("fraction", "threshold", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if value is not None and not _finite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         chosen = [x is not None for x in (self.fraction, self.threshold, self.thresholds_from)]
         if sum(chosen) > 1:
             raise ValueError("give only one of --fraction, --threshold, --thresholds-from")
@@ -91,6 +96,9 @@ class Settings:
             unknown = set(self.weights) - {"sieve", "clip"}
             if unknown:
                 raise ValueError(f"unknown weight names {sorted(unknown)}; use sieve and clip")
+            bad = {name: w for name, w in self.weights.items() if not _finite(w) or not 0.0 <= w <= 1.0}
+            if bad:
+                raise ValueError(f"fusion weights must be finite numbers in [0, 1], got {bad}")
             if abs(sum(self.weights.values()) - 1.0) > 1e-9:
                 raise ValueError(f"fusion weights must sum to 1.0, got {sum(self.weights.values())} from {self.weights}")
         if self.score in ("clip", "fused") and not self.clip_enabled:
@@ -105,6 +113,13 @@ class Settings:
     def clip_enabled(self) -> bool:
         return self.clip != "none" or self.clip_from_metadata is not None
 
+    def required_models(self, stages: tuple[str, ...] = ("caption", "embed")) -> dict[str, str | None]:
+        """The models the given stages will load (kind → reference; None where a stage needs none)."""
+        computes_clip = self.clip != "none" and self.clip_from_metadata is None
+        return {"captioner": self.captioner if "caption" in stages and self.captions is None else None,
+                "text_encoder": self.text_encoder if "embed" in stages else None,
+                "clip": self.clip if "embed" in stages and computes_clip else None}
+
     def fingerprinted(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The settings among ``names`` that a stage's fingerprint covers. Options added later are left out while
         they have their old behaviour (``ADDED_OPTIONS``), so upgrading does not recompute finished runs."""
@@ -116,6 +131,10 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def fingerprint(payload: dict[str, Any]) -> str:

@@ -54,37 +54,95 @@ class Sample:
 
 @dataclass(frozen=True)
 class Shard:
-    """One input shard: its id (file stem, e.g. ``00000000``) and where its tar lives."""
+    """One input shard: its id (file stem, e.g. ``00000000``), where its tar lives and what identifies its
+    content (size and mtime, or size and ETag: see :func:`storage.file_identity`) when it was listed."""
 
     shard_id: str
     tar_uri: str
+    identity: str = ""
 
     @property
     def metadata_uri(self) -> str:
         return self.tar_uri[: -len(".tar")] + ".parquet"
 
+    @property
+    def stats_uri(self) -> str:
+        return self.tar_uri[: -len(".tar")] + "_stats.json"
+
+    def current_identity(self) -> str:
+        """The tar's identity now (one metadata request), to detect a shard replaced while it was read."""
+        return identity_token(storage.file_identity(self.tar_uri))
+
+
+def identity_token(identity: dict[str, Any]) -> str:
+    return json.dumps(identity, sort_keys=True)
+
 
 def discover_shards(input_spec: str) -> list[Shard]:
-    """Shards named by a directory/prefix, a glob, or a brace/whitespace list (local or ``s3://``)."""
-    uris: list[str] = []
+    """Shards named by a directory/prefix, a glob, or a brace/whitespace list (local or ``s3://``).
+
+    A location that does not exist is a :class:`FileNotFoundError`; one that exists but holds no ``.tar`` is
+    :class:`NoShardsFound` (an empty crawl day)."""
+    found: dict[str, dict[str, Any]] = {}
     for item in storage.iter_inputs(input_spec):
         if item.endswith(".tar") and not any(ch in item for ch in "*?["):
-            if not storage.exists(item):
-                raise FileNotFoundError(f"input shard does not exist: {item}")
-            uris.append(item)
+            try:
+                found[item] = storage.file_identity(item)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"input shard does not exist: {item}") from None
         else:
-            uris.extend(storage.list_files(item, ".tar"))
-    if not uris:
+            found.update(storage.list_files_with_identity(item, ".tar"))
+    if not found:
         raise NoShardsFound(f"no .tar shards found in input {input_spec!r}")
     shards: dict[str, Shard] = {}
-    for uri in uris:
+    for uri in sorted(found):
         shard_id = storage.basename(uri)[: -len(".tar")]
         if not SHARD_NAME.match(shard_id):
             raise ValueError(f"shard name {shard_id!r} ({uri}) must be letters, digits, '-' or '_'")
         if shard_id in shards and shards[shard_id].tar_uri != uri:
             raise ValueError(f"two input shards share the id {shard_id!r}: {shards[shard_id].tar_uri} and {uri}")
-        shards[shard_id] = Shard(shard_id, uri)
+        shards[shard_id] = Shard(shard_id, uri, identity_token(found[uri]))
     return [shards[k] for k in sorted(shards)]
+
+
+@dataclass
+class ExpectedSamples:
+    """What img2dataset says a shard holds: the sidecar parquet lists every sample with its download status,
+    ``_stats.json`` only counts them. ``count`` is None when neither exists."""
+
+    count: int | None = None
+    source: str | None = None
+    listed: list[dict[str, Any]] = field(default_factory=list)  # key, uid, url of each downloaded sample
+
+    def missing(self, seen_keys: set[str]) -> list[dict[str, Any]]:
+        return [row for row in self.listed if row["key"] not in seen_keys]
+
+
+def expected_samples(shard: Shard) -> ExpectedSamples:
+    """The samples the shard should hold, from its sidecar parquet (rows with ``status='success'``, or every
+    row when it has no status column) or else from ``_stats.json``'s ``successes``."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if storage.exists(shard.metadata_uri):
+        with storage.naming("reading", shard.metadata_uri):
+            fs, path = storage.filesystem(shard.metadata_uri)
+            names = pq.read_schema(path, filesystem=fs).names
+        columns = [c for c in ("key", "uid", "url", "status") if c in names]
+        table = storage.read_parquet(shard.metadata_uri, columns=columns)
+        if "status" in columns:
+            table = table.filter(pc.equal(table.column("status"), "success"))
+        if "key" not in columns:
+            return ExpectedSamples(table.num_rows, "parquet")
+        listed = [{"key": str(row["key"]), "uid": row.get("uid"), "url": row.get("url")} for row in
+                  table.select([c for c in columns if c != "status"]).to_pylist()]
+        return ExpectedSamples(table.num_rows, "parquet", listed)
+    if storage.exists(shard.stats_uri):
+        stats = storage.read_json(shard.stats_uri)
+        if isinstance(stats, dict) and isinstance(stats.get("successes"), int):
+            return ExpectedSamples(stats["successes"], "stats")
+        raise ValueError(f"{shard.stats_uri} has no integer 'successes' count")
+    return ExpectedSamples()
 
 
 def read_samples(shard: Shard) -> Iterator[Sample]:

@@ -8,8 +8,11 @@ never sees a partial object), which is what lets completion markers make reruns 
 from __future__ import annotations
 
 import copy
+import fcntl
+import hashlib
 import json
 import os
+import re
 import posixpath
 import tempfile
 import uuid
@@ -41,8 +44,12 @@ def naming(action: str, uri: str, errors: tuple[type[BaseException], ...] = (Exc
     """Re-raise ``errors`` as a :class:`StorageError` that names the object and the cause."""
     try:
         yield
-    except (StorageError, FileNotFoundError):
+    except StorageError:
         raise
+    except FileNotFoundError as exc:
+        if uri in str(exc):
+            raise
+        raise FileNotFoundError(f"{action} {uri}: not found ({exc})") from exc
     except errors as exc:
         raise StorageError(f"{action} {uri} failed: {type(exc).__name__}: {exc}") from exc
 
@@ -78,27 +85,58 @@ def read_bytes(uri: str) -> bytes:
         return fs.cat_file(path)
 
 
+def download(uri: str, local_path: str) -> None:
+    """Copy one object (local, ``s3://``, ``http(s)://``) to a local file, streamed."""
+    with naming("downloading", uri):
+        fs, path = filesystem(uri)
+        fs.get_file(path, local_path)
+
+
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+TEMPORARY_DIR = "_tmp"  # beside each target: no reader's glob (``dir/*.parquet``) or dataset scan goes there
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object exists (create) or changed since it was read (replace)."""
+
+
+def _local_path(uri: str) -> str:
+    return os.path.abspath(uri.removeprefix("file://"))
+
+
+def _staging_path(target: str) -> str:
+    """``dir/_tmp/<name>.<random>``: on the target's filesystem (so a rename publishes it), out of readers' sight."""
+    directory = os.path.join(os.path.dirname(target), TEMPORARY_DIR)
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, f"{os.path.basename(target)}.{uuid.uuid4().hex}")
+
+
+def sweep_temporaries(uri: str) -> int:
+    """Remove what killed writers of ``uri`` left behind (local only: object stores get single PUTs)."""
+    if not is_local(uri):
+        return 0
+    target = _local_path(uri)
+    directory = os.path.join(os.path.dirname(target), TEMPORARY_DIR)
+    if not os.path.isdir(directory):
+        return 0
+    swept = 0
+    for name in os.listdir(directory):
+        if name.startswith(os.path.basename(target) + "."):
+            os.unlink(os.path.join(directory, name))
+            swept += 1
+    return swept
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write ``data`` so that readers see either nothing or the whole object."""
+    """Write ``data`` so that readers see either nothing or the whole object (file mode per umask)."""
     if is_local(uri):
-        path = uri.removeprefix("file://")
-        directory = os.path.dirname(os.path.abspath(path))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with LocalStaging(uri) as staged, open(staged.path, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
         return
     with naming("writing", uri):
         fs, path = filesystem(uri)
@@ -111,22 +149,30 @@ def write_json_atomic(uri: str, payload: Any) -> None:
 
 def canonical_json(payload: Any) -> bytes:
     """Deterministic JSON (sorted keys, fixed indent) so re-published files are byte-identical."""
-    return (json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    return (json.dumps(payload, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
+def remove(uri: str) -> None:
+    """Delete ``uri`` if it exists."""
+    with naming("removing", uri):
+        fs, path = filesystem(uri)
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
 
 
 class LocalStaging:
     """A local path for writers that need one (pyarrow, numpy); published atomically when the block succeeds.
 
-    Local targets are staged beside the target and renamed; remote ones are staged in a temporary
+    Local targets are staged in ``_tmp/`` beside the target and renamed; remote ones are staged in a temporary
     directory and uploaded with one ``put_file`` (a single PUT or a completed multipart upload).
     """
 
     def __init__(self, uri: str):
         self.uri = uri
         if is_local(uri):
-            target = os.path.abspath(uri.removeprefix("file://"))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            self.path = os.path.join(os.path.dirname(target), f".tmp-{uuid.uuid4().hex}-{os.path.basename(target)}")
+            self.path = _staging_path(_local_path(uri))
         else:
             self.path = os.path.join(tempfile.gettempdir(), f"sieve-{uuid.uuid4().hex}-{basename(uri)}")
 
@@ -137,7 +183,7 @@ class LocalStaging:
         try:
             if exc_type is None:
                 if is_local(self.uri):
-                    os.replace(self.path, self.uri.removeprefix("file://"))
+                    os.replace(self.path, _local_path(self.uri))
                 else:
                     with naming("uploading", self.uri):
                         fs, path = filesystem(self.uri)
@@ -147,15 +193,112 @@ class LocalStaging:
                 os.unlink(self.path)
 
 
+def read_versioned(uri: str) -> tuple[bytes, str]:
+    """The object's bytes and a version token for :func:`write_if` (the ETag on S3, a content hash locally)."""
+    if is_local(uri):
+        with open(_local_path(uri), "rb") as handle:
+            data = handle.read()
+        return data, hashlib.sha256(data).hexdigest()
+    with naming("reading", uri):
+        fs, path = filesystem(uri)
+        fs.invalidate_cache(path)
+        # the version first: should the object change before its bytes are read, the stale version makes the
+        # conditional write that follows fail (and be retried), never succeed on content not seen
+        version = fs.info(path)["ETag"]
+        return fs.cat_file(path), version
+
+
+def write_if(uri: str, data: bytes, version: str | None) -> None:
+    """Write ``data`` only if ``uri`` does not exist (``version`` None) or is still at ``version``; else raise
+    :class:`PreconditionFailed`. Object stores get a conditional PUT (``If-None-Match: *`` / ``If-Match``);
+    local files a check and rename under an exclusive ``flock`` of the file's directory."""
+    if is_local(uri):
+        target = _local_path(uri)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        lock = os.open(os.path.dirname(target), os.O_RDONLY)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = read_versioned(uri)[1] if os.path.exists(target) else None
+            if current != version:
+                raise PreconditionFailed(f"{uri} {'exists' if version is None else 'changed'} (conditional write refused)")
+            write_bytes_atomic(uri, data)
+        finally:
+            os.close(lock)  # releases the lock
+        return
+    fs, path = filesystem(uri)
+    bucket, key, _ = fs.split_path(path)
+    condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+    try:
+        fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+    except Exception as exc:
+        if _is_precondition_failure(exc):
+            raise PreconditionFailed(f"{uri} {'exists' if version is None else 'changed'} (conditional write refused)"
+                                     ) from exc
+        raise StorageError(f"writing {uri} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        fs.invalidate_cache(path)
+
+
+def _is_precondition_failure(exc: BaseException) -> bool:
+    while exc is not None:
+        text = f"{type(exc).__name__} {exc}"
+        if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def glob_literal(path: str) -> str:
+    """``path`` with glob characters escaped (``[`` → ``[[]``), so DuckDB reads that one file and no other."""
+    return re.sub(r"([\[\]*?])", r"[\1]", path)
+
+
+def file_identity(uri: str) -> dict[str, Any]:
+    """What identifies a file's content cheaply: size and mtime locally, size and ETag on object stores."""
+    with naming("checking", uri):
+        fs, path = filesystem(uri)
+        return identity_of(fs.info(path), is_local(uri))
+
+
+def identity_of(info: dict[str, Any], local: bool) -> dict[str, Any]:
+    if local:
+        return {"size": int(info["size"]), "mtime": info.get("mtime")}
+    etag = info.get("ETag") or info.get("etag")
+    return {"size": int(info["size"]), "etag": etag.strip('"') if isinstance(etag, str) else etag}
+
+
 def list_files(pattern_or_dir: str, suffix: str) -> list[str]:
     """Files ending in ``suffix`` under a directory/prefix, or matching a glob, as full URIs, sorted."""
+    return sorted(list_files_with_identity(pattern_or_dir, suffix))
+
+
+def list_files_with_identity(pattern_or_dir: str, suffix: str) -> dict[str, dict[str, Any]]:
+    """:func:`list_files` with each file's :func:`file_identity`, from the listing itself (no request per file).
+
+    A directory/prefix, a glob's fixed part, or a bucket that does not exist is a :class:`FileNotFoundError`
+    naming it: "nothing there" and "nothing matched" are different answers."""
+    local = is_local(pattern_or_dir)
     with naming("listing", pattern_or_dir):
         fs, path = filesystem(pattern_or_dir)
-        if fs.isdir(path):
-            found = [p for p in fs.find(path, maxdepth=1) if p.endswith(suffix)]
+        if any(ch in path for ch in "*?["):
+            fixed = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rpartition("/")[0] or "/"
+            _require_exists(fs, fixed, pattern_or_dir, local)
+            found = {p: fs.info(p) for p in fs.glob(path) if p.endswith(suffix)}
         else:
-            found = [p for p in fs.glob(path) if p.endswith(suffix)]
-    return sorted(_full_uri(fs, pattern_or_dir, p) for p in found)
+            _require_exists(fs, path, pattern_or_dir, local)
+            found = {p: info for p, info in fs.find(path, maxdepth=1, detail=True).items() if p.endswith(suffix)}
+    return {_full_uri(fs, pattern_or_dir, p): identity_of(info, local) for p, info in found.items()}
+
+
+def _require_exists(fs: AbstractFileSystem, path: str, spec: str, local: bool) -> None:
+    if fs.exists(path):
+        return
+    if not local:
+        bucket = path.split("/", 1)[0]
+        if not fs.exists(bucket):
+            raise FileNotFoundError(f"bucket {bucket!r} does not exist or is not readable (input {spec})")
+    raise FileNotFoundError(f"input location does not exist: {fs.unstrip_protocol(path) if not local else path} "
+                            f"(input {spec})")
 
 
 def _full_uri(fs: AbstractFileSystem, original: str, path: str) -> str:
@@ -221,12 +364,3 @@ def find_files(prefix: str, suffix: str) -> list[str]:
         found = [p for p in fs.find(path) if p.endswith(suffix)]
     return sorted(_full_uri(fs, prefix, p) for p in found)
 
-
-def remove(uri: str) -> None:
-    """Delete one object or file; one already gone is not an error."""
-    with naming("deleting", uri):
-        fs, path = filesystem(uri)
-        try:
-            fs.rm_file(path)
-        except FileNotFoundError:
-            pass

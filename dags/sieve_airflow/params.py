@@ -45,7 +45,9 @@ def model_params(*, section: str = "Models") -> dict[str, Param]:
         "profile": Param("default", enum=["default", "test"], section=section, title="Profile",
                          description="'test' swaps captioner and CLIP for tiny random offline models."),
         "captioner": Param(DEFAULT_CAPTIONER, type="string", minLength=1, section=section, title="Captioner",
-                           description="BLIP: Hugging Face id, local directory or s3:// prefix."),
+                           description="BLIP: Hugging Face id, local directory, s3:// prefix, or an original BLIP "
+                           "checkpoint (.pth, local/s3/https) or preset: blip-base-14m (SIEVE's), blip-base-129m, "
+                           "blip-base-capfilt-large."),
         "text_encoder": Param(DEFAULT_TEXT_ENCODER, type="string", minLength=1, section=section,
                               title="Text encoder", description="sentence-transformers reference."),
         "clip": Param(DEFAULT_CLIP, type="string", minLength=1, section=section, title="CLIP",

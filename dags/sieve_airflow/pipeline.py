@@ -14,7 +14,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from sieve_airflow.kube import SievePodOperator
 from sieve_airflow.planning import (
-    batch_label,
+    BATCH_LABEL_TEMPLATE,
     batch_shards,
     default_run_base,
     join_uri,
@@ -100,6 +100,7 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     """
     from airflow.sdk import conf
 
+    from sieve_tasks.models import require_available
     from sieve_tasks.pool import register_pool
     from sieve_tasks.shards import NoShardsFound, discover_shards
     from sieve_tasks.settings import Settings
@@ -115,6 +116,11 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     context = get_current_context()
     owner = lease_owner(context["dag"].dag_id, context["run_id"])
     access = {"run": run, "lease_owner": owner, "aws_conn_id": params.get("aws_conn_id")}
+    if params.get("mode", "local") == "local":  # pods load models from their own image and stores
+        try:
+            require_available(settings.required_models())
+        except FileNotFoundError as exc:
+            raise AirflowFailException(str(exc)) from exc
     try:
         with object_store(access["aws_conn_id"]):
             discover_shards(input_spec)  # an empty input is found before anything is written to the run
@@ -122,9 +128,10 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
             shards = register_pool(input_spec, run)
     except NoShardsFound as exc:
         if skip_if_empty:
+            log.warning("no .tar shards in %s: nothing to curate, the run is skipped", input_spec)
             raise AirflowSkipException(f"nothing to curate: {exc}") from exc
         raise AirflowFailException(str(exc)) from exc
-    except ValueError as exc:  # a run directory started on another pool, a bad shard name
+    except (FileNotFoundError, ValueError) as exc:  # a missing bucket or prefix, a run started on another pool
         raise AirflowFailException(str(exc)) from exc
     max_map_length = conf.getint("core", "max_map_length", fallback=1024)
     batches = batch_shards([s.shard_id for s in shards], int(params.get("shards_per_task") or 1), max_map_length)
@@ -155,13 +162,12 @@ def choose_mode(plan: dict[str, Any]) -> str:
     return f"{group}.caption"
 
 
-@task(map_index_template="{{ shard_label }}")
+@task(map_index_template=BATCH_LABEL_TEMPLATE.format(shards="task.op_kwargs['batch']"))
 def run_stage(stage: str, batch: list[str], plan: dict[str, Any]) -> list[dict[str, Any]]:
     """One per-shard stage over a batch, in this process; finished shards are skipped (completion markers)."""
     from sieve_tasks.runner import run_shard_stage
     from sieve_tasks.settings import Settings
 
-    get_current_context()["shard_label"] = batch_label(batch)
     with run_access(plan):
         markers = run_shard_stage(stage, plan["input"], plan["run"], Settings(**plan["settings"]), batch)
     for m in markers:
@@ -173,9 +179,9 @@ def run_stage(stage: str, batch: list[str], plan: dict[str, Any]) -> list[dict[s
 @task_group(group_id=LOCAL_GROUP)
 def local_batch(batch: list[str], plan: dict[str, Any]) -> None:
     """caption → embed → score for one batch of shards, on the Airflow worker."""
-    caption = run_stage.override(task_id="caption")("caption", batch, plan)
-    embed = run_stage.override(task_id="embed")("embed", batch, plan)
-    score = run_stage.override(task_id="score")("score", batch, plan)
+    caption = run_stage.override(task_id="caption")(stage="caption", batch=batch, plan=plan)
+    embed = run_stage.override(task_id="embed")(stage="embed", batch=batch, plan=plan)
+    score = run_stage.override(task_id="score")(stage="score", batch=batch, plan=plan)
     caption >> embed >> score
 
 
@@ -184,7 +190,7 @@ def pod_batch(batch: list[str], plan: dict[str, Any]) -> None:
     """caption → embed as GPU pods (``sieve caption|embed ... --shards``), then score on the worker."""
     caption = SievePodOperator(task_id="caption", stage="caption", shard_ids=batch, plan=plan)
     embed = SievePodOperator(task_id="embed", stage="embed", shard_ids=batch, plan=plan)
-    score = run_stage.override(task_id="score")("score", batch, plan)
+    score = run_stage.override(task_id="score")(stage="score", batch=batch, plan=plan)
     caption >> embed >> score
 
 

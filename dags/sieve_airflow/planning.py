@@ -90,6 +90,13 @@ def batch_shards(shard_ids: list[str], shards_per_task: int, max_map_length: int
     return [shard_ids[i : i + size] for i in range(0, len(shard_ids), size)]
 
 
+#: ``map_index_template`` naming a mapped instance by its shards (``{shards}``: the Jinja expression of the
+#: list). It needs nothing computed by the task, so Airflow renders it before the work starts and a failed
+#: instance is named too. It must say what :func:`batch_label` says (a test renders both).
+BATCH_LABEL_TEMPLATE = ("{{% set ids = {shards} %}}{{{{ '(no shards)' if not ids else ids[0] if ids | length == 1 "
+                        "else ids[0] ~ '..' ~ ids[-1] ~ ' (' ~ (ids | length) ~ ' shards)' }}}}")
+
+
 def batch_label(shard_ids: list[str]) -> str:
     """What a mapped instance shows in the UI: ``00000000`` or ``00000000..00000007 (8 shards)``."""
     if not shard_ids:

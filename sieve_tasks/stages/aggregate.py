@@ -24,7 +24,7 @@ from sieve_tasks.buckets import RadixBuckets
 from sieve_tasks.pool import pool_shards
 from sieve_tasks.settings import Settings, fingerprint
 from sieve_tasks.shards import Shard
-from sieve_tasks.stages.base import marker_uri
+from sieve_tasks.stages.base import FINGERPRINT_KEY, InconsistentRun, marker_uri, output_uri
 
 SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
 HISTOGRAM_BINS = 1 << 20
@@ -62,7 +62,24 @@ def score_files(run: str, shards: list[Shard]) -> tuple[list[str], list[dict[str
             missing.append(shard.shard_id)
     if missing:
         raise RuntimeError(f"{len(missing)} of {len(shards)} shards have no scores yet: {missing[:10]}")
-    return [storage.join(run, "scores", f"{s.shard_id}.parquet") for s in shards], markers
+    return [output_uri(run, "scores", s.shard_id) for s in shards], markers
+
+
+def scores_fingerprint(markers: list[dict[str, Any]]) -> str:
+    """What the pool's scores are: thresholds and manifests name it, so they are never applied to other scores."""
+    return fingerprint({"scores": [marker["fingerprint"] for marker in markers]})
+
+
+def check_score_files(con: duckdb.DuckDBPyConnection, files: list[str], markers: list[dict[str, Any]]) -> None:
+    """Every score file holds the data its marker describes (one parallel read of the parquet footers)."""
+    found = dict(con.execute(
+        "SELECT file_name, decode(value) FROM parquet_kv_metadata(?) WHERE decode(key) = ?",
+        [[storage.glob_literal(f) for f in files], FINGERPRINT_KEY.decode()]).fetchall())
+    for file, marker in zip(files, markers):
+        written = found.get(file)
+        if written != marker["fingerprint"]:
+            raise InconsistentRun(f"{file} was written under fingerprint {written or 'none'} but its marker says "
+                                  f"{marker['fingerprint']} (a write was interrupted): re-run the score stage")
 
 
 def define_views(con: duckdb.DuckDBPyConnection, files: list[str], duplicates: str | None = None) -> None:
@@ -70,11 +87,11 @@ def define_views(con: duckdb.DuckDBPyConnection, files: list[str], duplicates: s
 
     ``duplicates`` is the parquet of later occurrences written by :func:`later_duplicates`.
     """
-    con.read_parquet(files).create_view("scores")
+    con.read_parquet([storage.glob_literal(f) for f in files]).create_view("scores")
     if duplicates is None:
         con.execute("CREATE OR REPLACE TEMP VIEW unique_ok AS SELECT * FROM scores WHERE status = 'ok'")
     else:
-        con.read_parquet(duplicates).create_view("later_duplicates")
+        con.read_parquet(storage.glob_literal(duplicates)).create_view("later_duplicates")
         con.execute("""
             CREATE OR REPLACE TEMP VIEW unique_ok AS
             SELECT * FROM scores s WHERE status = 'ok'
@@ -161,11 +178,11 @@ def candidate_filter(selection: dict[str, Any]) -> str:
 def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     """Compute counts, min/max and the keep threshold for the whole pool; skip when already done."""
     files, markers = score_files(run, pool_shards(run))
-    prints = [marker["fingerprint"] for marker in markers]
     request = settings.subset("score", "weights", "fraction", "threshold", "thresholds_from", "basic_filter")
     if settings.thresholds_from is not None:
         request["reference"] = storage.read_json(thresholds_uri(settings.thresholds_from))["selection"]
-    expected = fingerprint({"request": request, "scores": prints})
+    scores = scores_fingerprint(markers)
+    expected = fingerprint({"request": request, "scores": scores})
     uri = thresholds_uri(run)
     if not settings.overwrite and storage.exists(uri):
         done = storage.read_json(uri)
@@ -173,6 +190,7 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
             return done
     started = time.perf_counter()
     con = connect(run)
+    check_score_files(con, files, markers)
     define_views(con, files)
     by_status = con.execute("""
         SELECT status, reason, count(*), min(sieve_score), max(sieve_score), min(clip_score), max(clip_score)
@@ -194,6 +212,7 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
         histogram = histogram_of(con, selection) if histogram is not None else None
     result = {
         "fingerprint": expected,
+        "scores_fingerprint": scores,
         "selection": _selection(con, settings, selection, histogram),
         "counts": {"read": scored + failed, "scored": scored, "failed": failed, "duplicates": duplicates},
         "failed_by_reason": {row[1]: row[2] for row in by_status if row[0] != "ok"},

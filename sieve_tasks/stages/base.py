@@ -16,9 +16,47 @@ from sieve_tasks.shards import Shard
 
 log = logging.getLogger(__name__)
 
+FINGERPRINT_KEY = b"sieve.fingerprint"  # parquet metadata: the fingerprint the data was computed under
+
+
+class InconsistentRun(RuntimeError):
+    """Outputs that do not belong together (an input replaced mid-run, a write interrupted before its marker)."""
+
 
 def marker_uri(run: str, stage: str, shard_id: str) -> str:
     return storage.join(run, stage, "_done", f"{shard_id}.json")
+
+
+def output_uri(run: str, stage: str, shard_id: str) -> str:
+    return storage.join(run, stage, f"{shard_id}.parquet")
+
+
+def parquet_fingerprint(uri: str) -> str | None:
+    """The fingerprint stored in a stage output's parquet metadata (its footer only is read)."""
+    import pyarrow.parquet as pq
+
+    with storage.naming("reading", uri):
+        fs, path = storage.filesystem(uri)
+        metadata = pq.read_schema(path, filesystem=fs).metadata or {}
+    value = metadata.get(FINGERPRINT_KEY)
+    return value.decode() if value is not None else None
+
+
+def read_stage_output(run: str, stage: str, shard: Shard) -> pa.Table:
+    """A finished stage's table for ``shard``, proven to be the data its completion marker describes."""
+    marker = marker_uri(run, stage, shard.shard_id)
+    try:
+        done = storage.read_json(marker)
+    except FileNotFoundError:
+        raise InconsistentRun(f"shard {shard.shard_id}: the {stage} stage has not completed ({marker} missing)"
+                              ) from None
+    uri = output_uri(run, stage, shard.shard_id)
+    table = storage.read_parquet(uri)
+    found = (table.schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode()
+    if found != done["fingerprint"]:
+        raise InconsistentRun(f"{uri} was written under fingerprint {found or 'none'} but its marker says "
+                              f"{done['fingerprint']} (a write was interrupted): re-run the {stage} stage")
+    return table
 
 
 class ShardStage(ABC):
@@ -26,8 +64,9 @@ class ShardStage(ABC):
     ``RUN/<name>/<shard>.parquet`` then the completion marker ``RUN/<name>/_done/<shard>.json`` (under a
     ``_`` folder, which parquet dataset readers skip, so ``RUN/<name>/`` reads as one table).
 
-    A shard whose marker exists with the same fingerprint (this stage's settings plus the upstream
-    marker's fingerprint) is skipped, so reruns and Airflow retries never redo or duplicate work.
+    The fingerprint covers this stage's settings, the upstream marker's fingerprint and the input tar's
+    identity. A shard whose marker and output both carry the expected fingerprint is skipped, so reruns and
+    Airflow retries never redo or duplicate work, and a replaced tar or changed setting is always recomputed.
     """
 
     name: str
@@ -46,21 +85,30 @@ class ShardStage(ABC):
         """Compute the shard's output table and extra facts for its marker."""
 
     def output_uri(self, shard_id: str) -> str:
-        return storage.join(self.run, self.name, f"{shard_id}.parquet")
+        return output_uri(self.run, self.name, shard_id)
 
     def marker_uri(self, shard_id: str) -> str:
         return marker_uri(self.run, self.name, shard_id)
 
-    def fingerprint(self, shard_id: str) -> str:
+    def read_upstream(self, stage: str, shard: Shard) -> pa.Table:
+        return read_stage_output(self.run, stage, shard)
+
+    def fingerprint(self, shard: Shard) -> str:
         upstream = None
         if self.upstream is not None:
-            marker = marker_uri(self.run, self.upstream, shard_id)
+            marker = marker_uri(self.run, self.upstream, shard.shard_id)
             try:
-                upstream = storage.read_json(marker)["fingerprint"]
+                done = storage.read_json(marker)
             except FileNotFoundError:
-                raise RuntimeError(f"shard {shard_id}: the {self.upstream} stage has not completed ({marker} missing)"
-                                   ) from None
-        return fingerprint({"stage": self.name, "settings": self.stage_settings(), "upstream": upstream})
+                raise InconsistentRun(f"shard {shard.shard_id}: the {self.upstream} stage has not completed "
+                                      f"({marker} missing)") from None
+            if done.get("input") != shard.identity:
+                raise InconsistentRun(
+                    f"shard {shard.shard_id}: {shard.tar_uri} changed since the {self.upstream} stage read it "
+                    f"({done.get('input')} -> {shard.identity}); re-run the caption stage (or sieve run) for it")
+            upstream = done["fingerprint"]
+        return fingerprint({"stage": self.name, "settings": self.stage_settings(), "upstream": upstream,
+                            "input": shard.identity})
 
     def completed(self, shard_id: str, expected: str) -> dict[str, Any] | None:
         try:
@@ -68,30 +116,38 @@ class ShardStage(ABC):
         except FileNotFoundError:
             return None
         if done.get("fingerprint") != expected:
-            log.info("%s %s: settings changed since the last run, recomputing", self.name, shard_id)
+            log.info("%s %s: settings or input changed since the last run, recomputing", self.name, shard_id)
             return None
-        if not storage.exists(self.output_uri(shard_id)):
+        try:
+            written = parquet_fingerprint(self.output_uri(shard_id))
+        except (FileNotFoundError, storage.StorageError):
+            return None
+        if written != expected:
+            log.info("%s %s: output does not match its marker (interrupted write), recomputing", self.name, shard_id)
             return None
         return done
 
     def run_shard(self, shard: Shard) -> dict[str, Any]:
-        expected = self.fingerprint(shard.shard_id)
+        expected = self.fingerprint(shard)
         if not self.settings.overwrite:
             done = self.completed(shard.shard_id, expected)
             if done is not None:
                 log.info("%s %s: already complete, skipped", self.name, shard.shard_id)
                 return {**done, "skipped": True}
+        for uri in (self.output_uri(shard.shard_id), self.marker_uri(shard.shard_id)):
+            storage.sweep_temporaries(uri)
         started = time.perf_counter()
         table, facts = self.process(shard)
         table = table.sort_by("position")
         storage.write_parquet_atomic(
-            self.output_uri(shard.shard_id), table, {"sieve.fingerprint": expected, "sieve.stage": self.name}
+            self.output_uri(shard.shard_id), table, {FINGERPRINT_KEY.decode(): expected, "sieve.stage": self.name}
         )
         statuses = Counter(table.column("status").to_pylist())
         marker = {
             "stage": self.name,
             "shard": shard.shard_id,
             "fingerprint": expected,
+            "input": shard.identity,
             "settings": self.stage_settings(),
             "rows": table.num_rows,
             "ok": statuses.get("ok", 0),
@@ -101,4 +157,3 @@ class ShardStage(ABC):
         }
         storage.write_json_atomic(self.marker_uri(shard.shard_id), marker)
         return {**marker, "skipped": False}
-

@@ -16,6 +16,7 @@ import pyarrow as pa
 import torch
 
 from sieve_tasks import storage
+from sieve_tasks.blip_checkpoint import fetch_checkpoint, is_blip_checkpoint
 from sieve_tasks.caption_cache import (
     FETCH_BATCH,
     CacheCounts,
@@ -26,8 +27,17 @@ from sieve_tasks.caption_cache import (
 )
 from sieve_tasks.models import Device
 from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
-from sieve_tasks.shards import SampleError, Sample, Shard, decode_image, open_image, read_samples
-from sieve_tasks.stages.base import ShardStage
+from sieve_tasks.shards import (
+    UID_PATTERN,
+    SampleError,
+    Sample,
+    Shard,
+    decode_image,
+    expected_samples,
+    open_image,
+    read_samples,
+)
+from sieve_tasks.stages.base import InconsistentRun, ShardStage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -73,10 +83,25 @@ class CaptionStage(ShardStage):
         from sieve_tasks.captioner import clip_style_transform
 
         self._transform = clip_style_transform(settings.image_size)
-        self.cache = None
-        if settings.caption_cache:
-            dtype = str(Device.choose(settings.device, settings.dtype).dtype).removeprefix("torch.")
-            self.cache = CaptionCache(settings.caption_cache, cache_fingerprint(settings, dtype))
+        self._cache: CaptionCache | None = None
+
+    def stage_settings(self) -> dict[str, Any]:
+        """The settings plus, for a BLIP ``.pth`` captioner, the file's SHA-256 (a path or URL does not pin its
+        content). Captioners named otherwise keep their fingerprints, so finished runs are not recomputed."""
+        settings = super().stage_settings()
+        if is_blip_checkpoint(self.settings.captioner):
+            settings["captioner_sha256"] = fetch_checkpoint(self.settings.captioner).sha256
+        return settings
+
+    def caption_cache(self) -> CaptionCache | None:
+        """The ``--caption-cache`` namespace of these settings (made when a shard first needs it: naming a BLIP
+        checkpoint by its SHA-256 may download it)."""
+        if self._cache is None and self.settings.caption_cache:
+            identity = {"dtype": str(Device.choose(self.settings.device, self.settings.dtype).dtype).removeprefix("torch.")}
+            if is_blip_checkpoint(self.settings.captioner):
+                identity["captioner_sha256"] = fetch_checkpoint(self.settings.captioner).sha256
+            self._cache = CaptionCache(self.settings.caption_cache, cache_fingerprint(self.settings, identity))
+        return self._cache
 
     @property
     def captioner(self):
@@ -141,7 +166,8 @@ class CaptionStage(ShardStage):
         provided = self.provided_captions(shard.shard_id)
         metadata_clip = self.metadata_clip_scores(shard)
         counts = CacheCounts()
-        index = self.cache.index(counts) if self.cache else None  # one listing per shard
+        cache = self.caption_cache()
+        index = cache.index(counts) if cache else None  # one listing per shard
         rows: list[dict[str, Any]] = []
         waiting: list[tuple[dict[str, Any], torch.Tensor, bytes | None]] = []
         candidates: list[tuple[dict[str, Any], Prepared]] = []
@@ -215,17 +241,34 @@ class CaptionStage(ShardStage):
             if candidates:
                 resolve()
             flush()
+        expected = expected_samples(shard)
+        missing = expected.missing({row["key"] for row in rows})
+        rows += [self._missing_row(shard, len(rows) + i, listed) for i, listed in enumerate(missing)]
+        if shard.current_identity() != shard.identity:
+            raise InconsistentRun(f"shard {shard.shard_id}: {shard.tar_uri} changed while it was being read; "
+                                  "run the stage again")
         for row in rows:
             row["status"] = "ok" if row["reason"] is None else "failed"
-        facts = {"captioned": sum(r["caption_source"] == "captioner" for r in rows),
+        facts = {"expected": expected.count, "expected_source": expected.source, "missing_from_tar": len(missing),
+                 "captioned": sum(r["caption_source"] == "captioner" for r in rows),
                  "provided": sum(r["caption_source"] == "provided" for r in rows),
                  "oom_splits": self._captioner.oom_splits if self._captioner else 0,
                  "device": self._captioner.device.describe() if self._captioner else None}
-        if self.cache is not None:
-            self.cache.add(fresh, counts)
-            self.cache.record_hits(hits, counts)
+        if cache is not None:
+            cache.add(fresh, counts)
+            cache.record_hits(hits, counts)
             facts["cache"] = counts.as_facts()
         return pa.Table.from_pylist(rows, schema=CAPTIONS_SCHEMA), facts
+
+    @staticmethod
+    def _missing_row(shard: Shard, position: int, listed: dict[str, Any]) -> dict[str, Any]:
+        """A sample the shard's sidecar lists as downloaded but its tar does not hold: recorded, never lost."""
+        uid = listed.get("uid")
+        uid = uid.lower() if isinstance(uid, str) and UID_PATTERN.match(uid.lower()) else None
+        row = {name: None for name in CAPTIONS_SCHEMA.names}
+        row.update(uid=uid, shard=shard.shard_id, key=listed["key"], position=position, reason="missing_from_tar",
+                   url=listed.get("url"), text_truncated=False)
+        return row
 
     @staticmethod
     def _row(prepared: Prepared, metadata_clip: dict[str, float]) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from sieve_tasks import storage
 from sieve_tasks.masking import make_masker
 from sieve_tasks.models import Device
 from sieve_tasks.settings import EMBED_SETTINGS, Settings
@@ -63,7 +62,7 @@ class EmbedStage(ShardStage):
         return self._clip
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
-        captions = storage.read_parquet(storage.join(self.run, self.upstream, f"{shard.shard_id}.parquet"))
+        captions = self.read_upstream(self.upstream, shard)
         rows = captions.select(["uid", "key", "position", "status", "reason"]).to_pylist()
         ok = [i for i, row in enumerate(rows) if row["status"] == "ok"]
         texts = captions.column("text").to_pylist()
@@ -88,10 +87,10 @@ class EmbedStage(ShardStage):
             offset += count
 
     def _embed_clip(self, shard: Shard, rows: list[dict], ok: list[int], texts: list[str]) -> None:
-        wanted = {rows[i]["position"]: i for i in ok}
+        wanted = {(rows[i]["position"], rows[i]["key"], rows[i]["uid"]): i for i in ok}  # the sample, not a position alone
 
         def load(sample) -> tuple[int, torch.Tensor | None, str | None]:
-            index = wanted[sample.position]
+            index = wanted[(sample.position, sample.key, sample.uid)]
             try:
                 return index, self.clip.transform(decode_image(sample.image, self.settings.max_pixels)), None
             except SampleError as exc:
@@ -108,7 +107,7 @@ class EmbedStage(ShardStage):
                     rows[index]["clip_image_embedding"] = vector.tolist()
                 batch.clear()
 
-        selected = (s for s in read_samples(shard) if s.position in wanted and s.ok)
+        selected = (s for s in read_samples(shard) if s.ok and (s.position, s.key, s.uid) in wanted)
         with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool:
             for index, pixels, reason in prefetch_map(pool, load, selected, ahead=2 * size):
                 if reason is not None:  # the image changed since the caption stage read it

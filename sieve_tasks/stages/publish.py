@@ -14,13 +14,15 @@ from numpy.lib import format as npy_format
 from sieve_tasks import storage
 from sieve_tasks.buckets import RadixBuckets
 from sieve_tasks.pool import pool_shards
-from sieve_tasks.stages.aggregate import candidate_filter, connect, define_views, score_files, score_expression, thresholds_uri
-from sieve_tasks.stages.base import marker_uri
+from sieve_tasks.stages.aggregate import (candidate_filter, check_score_files, connect, define_views, score_expression,
+                                         score_files, scores_fingerprint, thresholds_uri)
+from sieve_tasks.stages.base import InconsistentRun, marker_uri
 from sieve_tasks.test_models import is_test_model
 
 SUBSET_DTYPE = np.dtype("u8,u8")
 KEPT_COLUMNS = ("shard", "key", "url", "sieve_score", "sieve_mean", "clip_score", "best_caption")
 ROWS_PER_BATCH = 1 << 18
+MANIFEST_FILES = ("subset.npy", "kept.parquet", "summary.json", "_SUCCESS")
 DICTIONARY_COLUMNS = ["shard"]  # the other columns are (nearly) unique per row: a dictionary only costs time
 TEST_PROFILE_WARNING = (
     "TEST PROFILE: the captioner and CLIP are tiny randomly initialised models built offline; the scores "
@@ -34,11 +36,19 @@ def manifest_uri(run: str, name: str = "") -> str:
 
 def publish(run: str) -> dict[str, Any]:
     """Write the manifest of an aggregated run and return its summary."""
+    # _SUCCESS goes first and comes back last: whatever a killed publish leaves, it never vouches for it
+    storage.remove(manifest_uri(run, "_SUCCESS"))
+    for name in MANIFEST_FILES:
+        storage.sweep_temporaries(manifest_uri(run, name))
     thresholds = storage.read_json(thresholds_uri(run))
     selection = thresholds["selection"]
     shards = pool_shards(run)
     files, score_markers = score_files(run, shards)
+    if thresholds.get("scores_fingerprint") != scores_fingerprint(score_markers):
+        raise InconsistentRun(f"{thresholds_uri(run)} was computed from other scores than the run holds now "
+                              "(shards were re-scored since): run aggregate again")
     con = connect(run)
+    check_score_files(con, files, score_markers)
     define_views(con, files, thresholds["duplicates_file"])
     expression, params = score_expression(selection)
     # Pool order (shard, position) without a sort: DuckDB streams the files in the given (shard) order when told
@@ -140,12 +150,20 @@ def _stage_record(markers: list[dict[str, Any]]) -> tuple[dict[str, Any], float,
     return markers[0]["settings"], round(sum(m["seconds"] for m in markers), 3), facts
 
 
+def _expected(markers: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many samples the pool should hold (img2dataset's sidecars), or None with the shards that do not say."""
+    unknown = [m["shard"] for m in markers if m.get("expected") is None]
+    return {"expected": None if unknown else sum(m["expected"] for m in markers),
+            "expected_unknown_shards": len(unknown),
+            "missing_from_tar": sum(m.get("missing_from_tar", 0) for m in markers)}
+
+
 def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str, list[dict[str, Any]]]
              ) -> dict[str, Any]:
     captions, caption_s, caption_facts = _stage_record(markers["captions"])
     embeddings, embed_s, _ = _stage_record(markers["embeddings"])
     scores, score_s, _ = _stage_record(markers["scores"])
-    counts = {**thresholds["counts"], "kept": kept}
+    counts = {**thresholds["counts"], "kept": kept, **_expected(markers["captions"])}
     test_profile = is_test_model(captions["captioner"]) or is_test_model(embeddings["clip"])
     unique = counts["scored"] - counts["duplicates"]
     return {
@@ -155,13 +173,14 @@ def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str,
         "thresholds": thresholds["selection"],
         "models": {"captioner": captions["captioner"], "captions_file": captions["captions"],
                    "text_encoder": embeddings["text_encoder"], "clip": embeddings["clip"],
-                   "clip_from_metadata": embeddings["clip_from_metadata"]},
+                   "clip_from_metadata": embeddings["clip_from_metadata"],
+                   **({"captioner_sha256": captions["captioner_sha256"]} if "captioner_sha256" in captions else {})},
         "profile": "test" if test_profile else "default",
         "warning": TEST_PROFILE_WARNING if test_profile else None,
         "settings": {"captions": captions, "embeddings": embeddings, "scores": scores},
         "captioning": caption_facts,
         "timings_seconds": {"caption": caption_s, "embed": embed_s, "score": score_s,
                             "aggregate": thresholds["seconds"]},
-        "manifest": {name: manifest_uri(run, name) for name in ("subset.npy", "kept.parquet", "summary.json")},
+        "manifest": {name: manifest_uri(run, name) for name in MANIFEST_FILES[:3]},
         "shards": len(markers["scores"]),
     }

@@ -3,17 +3,17 @@ sample. Writes ``RUN/scores/<shard>.parquet`` (one row per sample read, failed o
 
 from __future__ import annotations
 
+import math
 from functools import cache
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from sieve_tasks import storage
 from sieve_tasks.masking import make_masker
 from sieve_tasks.settings import SCORE_SETTINGS
 from sieve_tasks.shards import Shard
-from sieve_tasks.stages.base import ShardStage
+from sieve_tasks.stages.base import InconsistentRun, ShardStage
 
 SCORES_SCHEMA = pa.schema([
     ("uid", pa.string()), ("uid_hi", pa.uint64()), ("uid_lo", pa.uint64()), ("shard", pa.string()),
@@ -67,10 +67,18 @@ class ScoreStage(ShardStage):
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
         mask = make_masker(self.settings.mask_phrases, self.settings.mask_mode)
-        captions = storage.read_parquet(storage.join(self.run, "captions", f"{shard.shard_id}.parquet")).to_pylist()
-        embeddings = storage.read_parquet(storage.join(self.run, self.upstream, f"{shard.shard_id}.parquet")).to_pylist()
+        captions = self.read_upstream("captions", shard).to_pylist()
+        embeddings = {(e["position"], e["key"], e["uid"]): e  # joined on the sample, never on position alone
+                      for e in self.read_upstream(self.upstream, shard).to_pylist()}
+        if len(embeddings) != len(captions):
+            raise InconsistentRun(f"shard {shard.shard_id}: {len(captions)} caption rows but {len(embeddings)} "
+                                  "embedding rows: re-run the embed stage")
         rows = []
-        for cap, emb in zip(captions, embeddings, strict=True):
+        for cap in captions:
+            emb = embeddings.get((cap["position"], cap["key"], cap["uid"]))
+            if emb is None:
+                raise InconsistentRun(f"shard {shard.shard_id}: sample {cap['key']} has no embedding row: "
+                                      "re-run the embed stage")
             row = {name: None for name in SCORES_SCHEMA.names}
             row.update({k: cap[k] for k in ("uid", "shard", "key", "position", "url", "text_truncated")})
             if row["uid"] is not None:  # the two halves DataComp's subset.npy stores, kept for fast sorting
@@ -86,6 +94,9 @@ class ScoreStage(ShardStage):
                 width = cap["original_width"] or cap["width"]
                 height = cap["original_height"] or cap["height"]
                 row.update(basic_filter_features(cap["text"], width, height))
+                if not all(math.isfinite(row[c]) for c in ("sieve_score", "sieve_mean", "clip_score")
+                           if row[c] is not None):
+                    row.update(status="failed", reason="non_finite_score")  # a model overflowed on this sample
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), {}
 

@@ -104,8 +104,11 @@ def test_rerunning_neither_duplicates_nor_loses_rows(local_run, demo_pool):
     assert (run / "manifest" / "subset.npy").read_bytes() == subset
 
 
-@pytest.mark.parametrize("conf", [{"fraction": 0.5, "threshold": 0.1}, {"int8": True, "mode": "kubernetes"}],
-                         ids=["conflicting-selection", "int8-on-gpu-pods"])
+@pytest.mark.parametrize("conf", [{"fraction": 0.5, "threshold": 0.1}, {"int8": True, "mode": "kubernetes"},
+                                  {"threshold": float("nan")}, {"profile": "default"},
+                                  {"input": "/nonexistent/sieve-pool/"}],
+                         ids=["conflicting-selection", "int8-on-gpu-pods", "nan-threshold", "models-not-offline",
+                              "missing-input"])
 def test_bad_settings_fail_fast_without_retries(airflow_db, demo_pool, tmp_path, conf):
     dagrun = run_dag("sieve_curation", {"input": demo_pool, "run": str(tmp_path / "run"), "profile": "test", **conf})
     assert dagrun.state == "failed"

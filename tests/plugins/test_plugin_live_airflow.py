@@ -8,7 +8,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -179,6 +178,9 @@ def test_backfill_create_of_two_days_one_empty(live_airflow, demo_pool, tmp_path
     while api.get("/api/v2/dags/sieve_refilter").status_code != 200:
         assert time.monotonic() < deadline, "sieve_refilter never appeared:\n" + logs()
         time.sleep(2)
+    # created paused (no crawl base configured yet); configured here by the conf, so unpaused as the runbook says
+    assert api.get("/api/v2/dags/sieve_refilter").json()["is_paused"] is True
+    assert api.patch("/api/v2/dags/sieve_refilter", json={"is_paused": False}).status_code == 200
     conf = {"crawl_base": str(crawl), "thresholds_from": str(reference), "profile": "test"}
     created = subprocess.run([str(VENV_BIN / "airflow"), "backfill", "create", "--dag-id", "sieve_refilter",
                               "--from-date", "2026-01-01", "--to-date", "2026-01-02", "--dag-run-conf",

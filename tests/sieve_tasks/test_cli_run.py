@@ -73,13 +73,18 @@ def test_captions_are_eight_per_image_with_prompt_stripped(test_profile_run):
 
 def test_rerun_skips_everything_and_republish_is_byte_identical(test_profile_run, sample_pool, capsys):
     manifest = os.path.join(test_profile_run, "manifest")
-    before = {name: open(os.path.join(manifest, name), "rb").read() for name in os.listdir(manifest)}
+    before = _files(manifest)
     assert main(["caption", sample_pool, test_profile_run, "--profile", "test"]) == 0
     assert capsys.readouterr().out.count("skipped (complete)") == 2
     assert main(["run", sample_pool, test_profile_run, "--profile", "test", "--no-progress"]) == 0
     assert main(["publish", test_profile_run]) == 0
-    after = {name: open(os.path.join(manifest, name), "rb").read() for name in os.listdir(manifest)}
-    assert after == before
+    assert _files(manifest) == before
+
+
+def _files(directory):
+    """Every file of a directory, by name (the ``_tmp`` staging folder is not part of the output)."""
+    return {name: open(os.path.join(directory, name), "rb").read() for name in os.listdir(directory)
+            if os.path.isfile(os.path.join(directory, name))}
 
 
 def test_captioning_is_reproducible_for_a_seed(test_profile_run, sample_pool, tmp_path):
@@ -92,6 +97,9 @@ def test_captioning_is_reproducible_for_a_seed(test_profile_run, sample_pool, tm
 
 def test_cli_errors_are_clear(sample_pool, tmp_path, capsys):
     assert main(["run", str(tmp_path / "nothing"), str(tmp_path / "r"), "--profile", "test"]) == 2
+    assert f"input location does not exist: {tmp_path / 'nothing'}" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["run", str(tmp_path / "empty"), str(tmp_path / "r"), "--profile", "test"]) == 2
     assert "no .tar shards" in capsys.readouterr().err
     assert main(["run", sample_pool, str(tmp_path / "r"), "--score", "fused", "--weights", "sieve=0.7,clip=0.7"]) == 2
     assert "must sum to 1.0" in capsys.readouterr().err

@@ -17,7 +17,8 @@ def test_atomic_write_leaves_no_temporaries(tmp_path):
     target = tmp_path / "sub" / "x.json"
     storage.write_json_atomic(str(target), {"b": 1, "a": 2})
     assert target.read_text() == '{\n  "a": 2,\n  "b": 1\n}\n'
-    assert os.listdir(target.parent) == ["x.json"]
+    assert sorted(os.listdir(target.parent)) == ["_tmp", "x.json"] and os.listdir(target.parent / "_tmp") == []
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
 
 def test_failed_staging_publishes_nothing(tmp_path):
@@ -26,7 +27,13 @@ def test_failed_staging_publishes_nothing(tmp_path):
         with storage.LocalStaging(str(target)) as staged:
             open(staged.path, "wb").write(b"partial")
             raise RuntimeError("crash while writing")
-    assert os.listdir(tmp_path) == []
+    assert os.listdir(tmp_path) == ["_tmp"] and os.listdir(tmp_path / "_tmp") == []
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def test_discover_shards_by_dir_glob_and_braces(sample_pool):

@@ -10,7 +10,7 @@ import pytest
 from sieve_tasks import storage
 from sieve_tasks.settings import Settings
 from sieve_tasks.stages.aggregate import aggregate
-from sieve_tasks.stages.base import marker_uri
+from sieve_tasks.stages.base import FINGERPRINT_KEY, marker_uri
 from sieve_tasks.stages.publish import publish
 from sieve_tasks.stages.score import SCORES_SCHEMA
 
@@ -29,7 +29,9 @@ def write_scored_run(run, shards: dict[str, list[dict]]) -> None:
                 base.update(uid_hi=int(base["uid"][:16], 16), uid_lo=int(base["uid"][16:], 16))
             full.append(base)
         (run / "scores").mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(full, schema=SCORES_SCHEMA), run / "scores" / f"{shard}.parquet")
+        table = pa.Table.from_pylist(full, schema=SCORES_SCHEMA)
+        pq.write_table(table.replace_schema_metadata({FINGERPRINT_KEY: f"fixture-{shard}"}),
+                       run / "scores" / f"{shard}.parquet")
         for stage in ("captions", "embeddings", "scores"):
             storage.write_json_atomic(marker_uri(str(run), stage, shard), {
                 "fingerprint": f"fixture-{shard}", "seconds": 1.0,

@@ -2,7 +2,6 @@
 
 import importlib.util
 import os
-import re
 
 import numpy as np
 import pyarrow as pa
