@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -38,11 +40,13 @@ from sieve_tasks import storage
 from sieve_tasks.settings import Settings, fingerprint
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LAYOUT = "captions-v1"
 PARTITION_DIGITS = 1  # 16 partitions: a shard's ~10k hashes touch all of them whatever the count
 ROW_GROUP_ROWS = 512  # a fetch reads whole row groups: small ones keep that close to the rows it needs
 FETCH_BATCH = 1024  # candidate hits whose captions the caption stage fetches together
+READ_THREADS = min(8, os.cpu_count() or 1)  # cache files read at once (pyarrow decodes without the GIL)
 HITS_DIR, HISTORY_DIR = "_hits", "_history"
 # What decides a caption besides the image (the compute dtype and a BLIP checkpoint's SHA-256 are added): the
 # captioner, the prompt, every decoding setting, the image size, the number of captions, int8. The batch size
@@ -103,7 +107,7 @@ class CaptionCache:
         self._keys: dict[str, np.ndarray] = {}  # entry file → its sorted h column (files never change)
 
     def index(self, counts: CacheCounts) -> "CacheIndex":
-        """Everything in the cache now, as one in-memory key set (read once per shard)."""
+        """Everything in the cache now, as one in-memory key set (read once per shard; new files in parallel)."""
         started = time.perf_counter()
         try:
             files = entry_files(self.root)
@@ -111,21 +115,17 @@ class CaptionCache:
             log.warning("caption cache %s cannot be listed, captioning without it: %s", self.root, exc)
             counts.errors += 1
             files = []
-        readable = []
-        for uri in files:
-            if uri not in self._keys:
-                try:
-                    self._keys[uri] = read_keys(uri)
-                except FileNotFoundError:  # merged away by a compaction since the listing
-                    continue
-                except Exception as exc:  # noqa: BLE001 - a broken cache file must never fail the run
-                    log.warning("caption cache file %s is unreadable, skipped: %s", uri, exc)
+        new = [uri for uri in files if uri not in self._keys]
+        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cache-read") as pool:
+            for uri, keys in zip(new, pool.map(lambda u: _guarded(read_keys, u), new)):
+                if isinstance(keys, np.ndarray):
+                    self._keys[uri] = keys
+                elif keys is not None:  # unreadable (a vanished file, merged away by a compaction, is not counted)
+                    log.warning("caption cache file %s is unreadable, skipped: %s", uri, keys)
                     counts.errors += 1
-                    continue
-            readable.append(uri)
-        self._keys = {uri: self._keys[uri] for uri in readable}
+        self._keys = {uri: self._keys[uri] for uri in files if uri in self._keys}
         counts.lookup_seconds += time.perf_counter() - started
-        return CacheIndex({uri: self._keys[uri] for uri in readable}, counts)
+        return CacheIndex(dict(self._keys), counts)
 
     def add(self, entries: list[tuple[bytes, list[str], float]], counts: CacheCounts) -> None:
         """Write new entries (digest, captions, captioning seconds), one immutable file per partition; a
@@ -185,25 +185,32 @@ class CacheIndex:
     def fetch(self, digests: Iterable[bytes]) -> dict[bytes, Cached]:
         """The entries of these digests, reading only the row groups that hold them; absent ones are missing."""
         started = time.perf_counter()
-        wanted = sorted(set(digests))
+        wanted = set(digests)
         found: dict[bytes, Cached] = {}
         keys = np.array([prefix_key(d) for d in wanted], np.uint64)
-        for uri, file_keys in self.keys_by_file.items():
-            if len(found) == len(wanted):
-                break
-            rows = _rows_of(file_keys, keys)
-            if not len(rows):
-                continue
-            try:
-                for digest, cached in _read_rows(uri, rows, set(wanted)).items():
-                    found.setdefault(digest, cached)
-            except FileNotFoundError:
-                continue
-            except Exception as exc:  # noqa: BLE001 - a broken cache file must never fail the run
-                log.warning("caption cache file %s is unreadable, skipped: %s", uri, exc)
-                self.counts.errors += 1
+        jobs = [(uri, rows) for uri, file_keys in self.keys_by_file.items() if len(rows := _rows_of(file_keys, keys))]
+        with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cache-read") as pool:
+            results = pool.map(lambda job: _guarded(_read_rows, job[0], job[1], wanted), jobs)
+            for (uri, _), result in zip(jobs, results):
+                if isinstance(result, dict):
+                    for digest, cached in result.items():
+                        found.setdefault(digest, cached)
+                elif result is not None:
+                    log.warning("caption cache file %s is unreadable, skipped: %s", uri, result)
+                    self.counts.errors += 1
         self.counts.lookup_seconds += time.perf_counter() - started
         return found
+
+
+def _guarded(read: Callable[..., T], *args: Any) -> T | Exception | None:
+    """``read(*args)``, or the exception that makes a cache file unusable (None: the file is gone), so that a
+    broken cache file never fails a run."""
+    try:
+        return read(*args)
+    except FileNotFoundError:
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure to read a cache file means: not cached
+        return exc
 
 
 def read_keys(uri: str) -> np.ndarray:
