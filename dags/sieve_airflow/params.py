@@ -6,6 +6,8 @@ they are literals here so parsing a DAG file never imports torch.
 
 from __future__ import annotations
 
+import sys
+
 from airflow.sdk import Param
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
@@ -14,16 +16,23 @@ DEFAULT_CLIP = "ViT-B-32:openai"
 DEFAULT_WEIGHTS = {"sieve": 0.5, "clip": 0.5}
 
 _OPTIONAL_NUMBER = ["null", "number"]
+# Finite numbers only. JSON Schema's bounds fail a value only when a comparison says so, and every comparison
+# with NaN is false, so NaN passes all of them: ask for "x > 0 or x <= 0" instead, which NaN is not. The float
+# range refuses ±inf. (A NaN that got past the form would reach the tasks as null, i.e. the default.)
+_FINITE = {"minimum": -sys.float_info.max, "maximum": sys.float_info.max,
+           "anyOf": [{"type": "null"}, {"not": {"maximum": 0}}, {"not": {"exclusiveMinimum": 0}}]}
+_FINITE_ANY_OF = {"anyOf": _FINITE["anyOf"]}
 _OPTIONAL_STRING = ["null", "string"]
 
 
 def selection_params(*, section: str = "Selection") -> dict[str, Param]:
     return {
-        "fraction": Param(None, type=_OPTIONAL_NUMBER, exclusiveMinimum=0, maximum=1, section=section,
+        "fraction": Param(None, type=_OPTIONAL_NUMBER, exclusiveMinimum=0, maximum=1, **_FINITE_ANY_OF,
+                          section=section,
                           title="Keep fraction",
                           description="Keep this fraction of the pool (DataComp's rule). Give at most one of "
                                       "fraction, threshold, thresholds_from; none of them means 0.2."),
-        "threshold": Param(None, type=_OPTIONAL_NUMBER, section=section, title="Score threshold",
+        "threshold": Param(None, type=_OPTIONAL_NUMBER, **_FINITE, section=section, title="Score threshold",
                            description="Keep samples whose selection score is at least this."),
         "thresholds_from": Param(None, type=_OPTIONAL_STRING, section=section, title="Reference run",
                                  description="Reuse the threshold of this earlier run directory (local or s3://)."),
@@ -31,8 +40,8 @@ def selection_params(*, section: str = "Selection") -> dict[str, Param]:
                        description="sieve: alt-text vs generated captions; clip: CLIP image-text; fused: "
                                    "weighted sum of min-max normalised scores."),
         "weights": Param(dict(DEFAULT_WEIGHTS), type="object", section=section, title="Fusion weights",
-                         properties={"sieve": {"type": "number", "minimum": 0, "maximum": 1},
-                                     "clip": {"type": "number", "minimum": 0, "maximum": 1}},
+                         properties={"sieve": {"type": "number", "minimum": 0, "maximum": 1, **_FINITE_ANY_OF},
+                                     "clip": {"type": "number", "minimum": 0, "maximum": 1, **_FINITE_ANY_OF}},
                          required=["sieve", "clip"], additionalProperties=False,
                          description="Used by score=fused; must sum to 1."),
         "basic_filter": Param(False, type="boolean", section=section, title="DataComp basic filter",

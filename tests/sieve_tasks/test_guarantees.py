@@ -231,14 +231,20 @@ def test_non_finite_selection_is_refused(args, message, test_profile_run, capsys
     assert message in err and "Traceback" not in err
 
 
-def test_dag_params_refuse_nan_like_the_cli():
+@pytest.mark.parametrize("name, value", [("threshold", float("nan")), ("threshold", float("inf")),
+                                         ("fraction", float("nan")), ("weights", {"sieve": float("nan"), "clip": 0.5}),
+                                         ("weights", {"sieve": float("-inf"), "clip": 0.5})])
+def test_dag_params_refuse_non_finite_numbers_like_the_cli(name, value):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "dags"))
-    from sieve_airflow.planning import settings_options
+    from airflow.sdk.definitions.param import ParamValidationError
+    from sieve_airflow.params import selection_params
 
-    from sieve_tasks.settings import Settings
-
-    with pytest.raises(ValueError, match="finite"):
-        Settings(**settings_options({"threshold": float("nan")}))
+    param = selection_params()[name]
+    with pytest.raises(ParamValidationError):
+        param.resolve(value)
+    assert param.resolve({"sieve": 0.25, "clip": 0.75} if name == "weights" else 0.5) is not None
+    assert selection_params()[name].resolve(None if name != "weights" else {"sieve": 0.0, "clip": 1.0}) \
+        == (None if name != "weights" else {"sieve": 0.0, "clip": 1.0})
 
 
 # 7. Errors that name the cause ------------------------------------------------------------------------------
