@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -16,6 +17,7 @@ from sieve_airflow.planning import join_uri
 CRAWL_BASE_VARIABLE = "sieve_crawl_base"
 REFERENCE_VARIABLE = "sieve_reference_run"
 CAPTION_CACHE_VARIABLE = "sieve_caption_cache"
+log = logging.getLogger(__name__)
 
 DOC = """
 ### SIEVE daily refilter
@@ -97,14 +99,17 @@ def sieve_refilter() -> None:
 
     @task
     def compact_caption_cache(plan: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-        """Merge the cache's small files, fold in today's hits, drop entries unused for the retention period."""
+        """Merge the cache's small files, fold in today's hits, drop entries unused for the retention period;
+        returns (and logs) what it did and the cache's size and hit rate."""
         uri = plan["settings"].get("caption_cache")
         if not uri:
             raise AirflowSkipException("this run used no caption cache")
-        from sieve_tasks.cache_admin import compact
+        from sieve_tasks.cache_admin import compact, stats
 
         with object_store(plan.get("aws_conn_id")):
-            return compact(uri, params.get("cache_retention_days"))
+            result = {"compaction": compact(uri, params.get("cache_retention_days")), **stats(uri)}
+        log.info("caption cache %s: %s", uri, result)
+        return result
 
     listing = list_shards()
     build_pipeline(listing) >> compact_caption_cache(listing["plan"])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dags.dagrun_helpers import run_dag, states
+from tests.dags.dagrun_helpers import run_dag, states, xcoms
 
 pytestmark = pytest.mark.slow
 
@@ -117,6 +117,8 @@ def test_two_days_with_the_caption_cache(airflow_db, tmp_path, monkeypatch):
     assert (first["hits"], first["misses"], first["written"]) == (0, 8, 8)
     assert (second["hits"], second["misses"], second["written"]) == (5, 3, 3)
     assert second["seconds_saved"] > 0
+    (reported,) = xcoms(dagrun, "compact_caption_cache")  # day 2's compaction reports size and hit rate
+    assert reported["fingerprints"][0]["hit_rate"] == 5 / 16 and reported["compaction"]["hit_logs_folded"] == 2
     (stats,) = cache_admin.stats(str(cache))["fingerprints"]
     assert stats["pending_hit_logs"] == 0 and stats["entries"] == 11 and stats["hits"] == 5
     assert stats["files"] <= 16  # one per partition after compaction
