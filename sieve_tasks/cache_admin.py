@@ -59,12 +59,12 @@ def compact(uri: str, max_age_days: float | None = None) -> dict[str, Any]:
         con = _connect(uri)
         hits = _load_hits(con, space, report)
         for part, files in sorted(_by_partition(space.entries).items()):
-            if len(files) == 1 and not hits and cutoff == 0:
-                report["files_before"] += 1
-                report["files_after"] += 1
-                rows = _rows(files[0])
-                report["entries_before"] += rows or 0
-                report["entries_after"] += rows or 0
+            if len(files) == 1 and not hits and cutoff == 0 and (rows := _rows(files[0])) is not None:
+                if rows:  # already one readable file, nothing to fold in: left as it is
+                    report["files_before"] += 1
+                    report["files_after"] += 1
+                    report["entries_before"] += rows
+                    report["entries_after"] += rows
                 continue
             _compact_partition(con, space, part, files, cutoff, report)
         _fold_history(space, hits, report)
@@ -79,9 +79,12 @@ def _by_partition(files: list[str]) -> dict[str, list[str]]:
 
 
 def _rows(uri: str) -> int | None:
+    """The file's row count from its footer; None if it is unreadable, 0 if it is gone (merged away meanwhile)."""
     try:
         with storage.open_file(uri) as handle:
             return pq.ParquetFile(handle).metadata.num_rows
+    except FileNotFoundError:
+        return 0
     except Exception as exc:  # noqa: BLE001
         log.warning("caption cache file %s is unreadable: %s", uri, exc)
         return None
@@ -121,28 +124,28 @@ def _compact_partition(con: duckdb.DuckDBPyConnection, space: Fingerprinted, par
         if rows is None:
             storage.remove(uri)
             report["corrupt_files_removed"] += 1
-        else:
+        elif rows:  # 0: merged away by another compaction since the listing
             readable.append(uri)
             report["entries_before"] += rows
-    report["files_before"] += len(files)
-    if not readable:
-        return
+            report["files_before"] += 1
     target = storage.join(space.root, part, f"{uuid.uuid4().hex}.parquet")
-    try:
-        with storage.LocalStaging(target) as staged:
-            con.sql(MERGE, params=[readable, cutoff]).write_parquet(staged.path, compression="zstd",
-                                                                    row_group_size=ROW_GROUP_ROWS)
-    except duckdb.Error:  # a file whose footer reads but whose pages do not: find it, drop it, merge the rest
-        good = [uri for uri in readable if _fully_readable(uri)]
-        report["corrupt_files_removed"] += len(readable) - len(good)
-        for uri in set(readable) - set(good):
-            storage.remove(uri)
-        if not good:
+    for attempt in (1, 2):
+        if not readable:
             return
-        readable = good
-        with storage.LocalStaging(target) as staged:
-            con.sql(MERGE, params=[readable, cutoff]).write_parquet(staged.path, compression="zstd",
-                                                                    row_group_size=ROW_GROUP_ROWS)
+        try:
+            with storage.LocalStaging(target) as staged:
+                con.sql(MERGE, params=[readable, cutoff]).write_parquet(staged.path, compression="zstd",
+                                                                        row_group_size=ROW_GROUP_ROWS)
+            break
+        except duckdb.Error as exc:  # a file whose pages do not read, or one another compaction just merged away
+            if attempt == 2:
+                log.warning("caption cache partition %s/%s not compacted (left as it was): %s", space.root, part, exc)
+                return
+            checked = {uri: _fully_readable(uri) for uri in readable}
+            for uri in (uri for uri, ok in checked.items() if ok is False):
+                storage.remove(uri)
+                report["corrupt_files_removed"] += 1
+            readable = [uri for uri, ok in checked.items() if ok]
     kept = _rows(target) or 0
     if kept:
         report["files_after"] += 1
@@ -153,10 +156,13 @@ def _compact_partition(con: duckdb.DuckDBPyConnection, space: Fingerprinted, par
         storage.remove(uri)
 
 
-def _fully_readable(uri: str) -> bool:
+def _fully_readable(uri: str) -> bool | None:
+    """True if every page reads, False if the file is broken, None if it is gone."""
     try:
         storage.read_parquet(uri)
         return True
+    except FileNotFoundError:
+        return None
     except Exception as exc:  # noqa: BLE001
         log.warning("caption cache file %s is unreadable, removed: %s", uri, exc)
         return False
@@ -185,6 +191,7 @@ def stats(uri: str) -> dict[str, Any]:
             rows = _rows(file)
             if rows is None:
                 errors += 1
+            if not rows:
                 continue
             entries += rows
             files += 1
