@@ -176,12 +176,27 @@ def render_summary(run: str, summary: dict[str, Any], index_url: str) -> str:
     timings = summary.get("timings_seconds") or {}
     parts.append("<h2>Timings (seconds, summed over shards)</h2>" + _table(list(timings.items())))
     if summary.get("captioning"):
-        parts.append("<h2>Captioning</h2>" + _table(list(summary["captioning"].items())))
+        captioning = {k: v for k, v in summary["captioning"].items() if k != "cache"}
+        parts.append("<h2>Captioning</h2>" + _table(list(captioning.items())))
+        parts.append(render_cache(summary["captioning"].get("cache")))
     manifest = summary.get("manifest") or {}
     parts.append("<h2>Manifest</h2>" + _table(list(manifest.items()), numeric=False))
     parts.append("<h2>Settings</h2><details><summary>stage settings</summary><pre>"
                  + _e(json.dumps(summary.get("settings"), indent=2, sort_keys=True)) + "</pre></details>")
     return _page(f"SIEVE {run}", "".join(parts))
+
+
+def render_cache(cache: dict[str, Any] | None) -> str:
+    """The caption cache's figures (``--caption-cache``): what was reused and the captioning time it saved."""
+    if not cache:
+        return ""
+    rate = cache.get("hit_rate")
+    return "<h2>Caption cache</h2>" + _table([
+        ("hits", cache.get("hits")), ("misses", cache.get("misses")),
+        ("hit rate", f"{rate:.1%}" if isinstance(rate, (int, float)) else None),
+        ("captioning time saved (s)", cache.get("seconds_saved")), ("lookup time (s)", cache.get("lookup_seconds")),
+        ("new entries written", cache.get("written")), ("unreadable cache files met", cache.get("errors")),
+    ])
 
 
 def render_index(base: str, runs: list[dict[str, Any]], prefix: str) -> str:

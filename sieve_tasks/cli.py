@@ -36,6 +36,9 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="refuse larger images")
     g.add_argument("--decode-workers", type=int, default=4, help="threads decoding JPEGs beside the model")
+    g.add_argument("--caption-cache", metavar="URI",
+                   help="captions reused across runs, keyed by the image's SHA-256 and the caption settings "
+                   "(local or s3://); images found there are neither decoded nor captioned")
     g.add_argument("--text-encoder", default=models.DEFAULT_TEXT_ENCODER,
                    help="sentence-transformers reference (default: the packaged all-MiniLM-L6-v2)")
     g.add_argument("--clip", default=models.DEFAULT_CLIP,
@@ -105,6 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--overwrite", action="store_true")
     pub = sub.add_parser("publish", parents=[lease_opts], help="write RUN/manifest (subset.npy, kept.parquet, summary.json)")
     pub.add_argument("run")
+    cache = sub.add_parser("cache", help="upkeep of a --caption-cache").add_subparsers(dest="cache_command",
+                                                                                       required=True)
+    for name, help_text in (("compact", "merge small files, fold hit logs into last-used times"),
+                            ("prune", "compact, and drop entries not used for --days days"),
+                            ("stats", "entries, files, bytes and hit rate per settings fingerprint")):
+        command = cache.add_parser(name, help=help_text)
+        command.add_argument("cache", metavar="URI")
+        if name == "prune":
+            command.add_argument("--days", type=float, required=True, help="keep entries used within this many days")
     sample = sub.add_parser("make-sample", help="write a small demo pool of real photos")
     sample.add_argument("out")
     sample.add_argument("--shards", type=int, default=2)
@@ -134,6 +146,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "make-sample":
         for uri in make_sample_pool(args.out, args.shards):
             print(uri)
+        return 0
+    if args.command == "cache":
+        from sieve_tasks import cache_admin
+
+        if args.cache_command == "stats":
+            result = cache_admin.stats(args.cache)
+        else:
+            result = cache_admin.compact(args.cache, args.days if args.cache_command == "prune" else None)
+        print(json.dumps(result, indent=2))
         return 0
     # a shared owner (--lease-owner, e.g. an Airflow run) keeps the lease until publish, or until it expires
     shared = args.lease_owner is not None and args.command != "publish"

@@ -48,6 +48,9 @@ class Settings:
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_workers: int = 4
+    # captions reused across runs by image content (sieve_tasks.caption_cache); not fingerprinted: a cached
+    # caption is a caption the same settings wrote, so finished shards stay valid with or without it
+    caption_cache: str | None = None
     # embed stage
     text_encoder: str = DEFAULT_TEXT_ENCODER
     clip: str = DEFAULT_CLIP  # "none" turns CLIP off

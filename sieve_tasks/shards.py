@@ -247,8 +247,8 @@ def _fill(sample: Sample, parts: dict[str, bytes]) -> None:
     sample.image = image
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode to RGB, refusing images over ``max_pixels`` from their header (before any decoding)."""
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read only the header, refusing images over ``max_pixels`` and empty ones (nothing is decoded yet)."""
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
@@ -260,6 +260,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise SampleError("image_too_large")
     if width == 0 or height == 0:
         raise SampleError("empty_image")
+    return image
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode to RGB, refusing images over ``max_pixels`` from their header (before any decoding)."""
+    image = open_image(data, max_pixels)
     try:
         return image.convert("RGB")
     except Exception:

@@ -353,3 +353,14 @@ def write_parquet_atomic(uri: str, table, metadata: dict[str, str] | None = None
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with LocalStaging(uri) as staged:
         pq.write_table(table, staged.path, compression="zstd")
+
+
+def find_files(prefix: str, suffix: str) -> list[str]:
+    """Files ending in ``suffix`` anywhere under ``prefix`` (recursive), as full URIs, sorted; none if it is absent."""
+    with naming("listing", prefix):
+        fs, path = filesystem(prefix)
+        if not fs.exists(path):
+            return []
+        found = [p for p in fs.find(path) if p.endswith(suffix)]
+    return sorted(_full_uri(fs, prefix, p) for p in found)
+

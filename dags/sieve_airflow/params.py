@@ -68,6 +68,10 @@ def model_params(*, section: str = "Models") -> dict[str, Param]:
         "int8": Param(False, type="boolean", section=section, title="int8 on CPU",
                       description="int8 linear layers in captioner and sentence encoder: faster on CPU, "
                       "scores move slightly. Local mode only (GPU pods refuse it)."),
+        "caption_cache": Param(None, type=["null", "string"], section=section, title="Caption cache",
+                               description="Captions reused across runs by image content (local or s3://); "
+                                           "images found there are not captioned again. Empty: none (the "
+                                           "refilter DAG then uses the Variable sieve_caption_cache)."),
         "overwrite": Param(False, type="boolean", section=section, title="Overwrite",
                            description="Recompute outputs that already exist (normally finished shards are skipped)."),
     }

@@ -16,6 +16,7 @@ SETTINGS_PARAMS = {
     "num_captions": "num_captions",
     "caption_batch_size": "caption_batch_size",
     "int8": "int8",
+    "caption_cache": "caption_cache",
     "score": "score",
     "weights": "weights",
     "fraction": "fraction",
@@ -51,6 +52,7 @@ STAGE_FLAGS = {
     "device": "--device",
     "dtype": "--dtype",
     "int8": "--int8",
+    "caption_cache": "--caption-cache",
 }
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -142,6 +142,11 @@ def _stage_record(markers: list[dict[str, Any]]) -> tuple[dict[str, Any], float,
     """(settings, total seconds, extra facts) of a per-shard stage, from its completion markers."""
     facts = {key: sum(m.get(key, 0) or 0 for m in markers) for key in ("captioned", "provided", "oom_splits")
              if any(key in m for m in markers)}
+    cache = [m["cache"] for m in markers if m.get("cache")]
+    if cache:  # --caption-cache: hits, misses, written, errors, seconds_saved, lookup_seconds
+        facts["cache"] = {key: round(sum(c[key] for c in cache), 3) for key in cache[0]}
+        looked_up = facts["cache"]["hits"] + facts["cache"]["misses"]
+        facts["cache"]["hit_rate"] = round(facts["cache"]["hits"] / looked_up, 4) if looked_up else None
     return markers[0]["settings"], round(sum(m["seconds"] for m in markers), 3), facts
 
 

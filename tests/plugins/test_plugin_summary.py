@@ -120,3 +120,20 @@ def test_dag_run_view_follows_the_dag_runs_xcom(client, demo_pool, tmp_path):
     assert page.status_code == 200, page.text
     assert str(run) in page.text and "<th>kept</th><td class='n'>4</td>" in page.text
     assert client.get("/dag-runs/sieve_curation/no-such-run").status_code == 404
+
+
+@pytest.mark.slow
+def test_summary_page_shows_caption_cache_hits(client, demo_pool, tmp_path):
+    """A second run over the same photos with the same --caption-cache: every caption came from the cache."""
+    from sieve_tasks.runner import run_all
+    from sieve_tasks.settings import Settings
+
+    settings = Settings(profile="test", caption_cache=str(tmp_path / "cache"))
+    run_all(demo_pool, str(tmp_path / "first"), settings, progress=False)
+    run_all(demo_pool, str(tmp_path / "second"), settings, progress=False)
+    text = client.get("/run", params={"uri": str(tmp_path / "second")}).text
+    assert "<h2>Caption cache</h2>" in text
+    assert "<th>hits</th><td class='n'>16</td>" in text and "<th>misses</th><td class='n'>0</td>" in text
+    assert "<th>hit rate</th><td class='n'>100.0%</td>" in text
+    first = client.get("/run", params={"uri": str(tmp_path / "first")}).text
+    assert "<th>hits</th><td class='n'>0</td>" in first and "<th>misses</th><td class='n'>16</td>" in first
