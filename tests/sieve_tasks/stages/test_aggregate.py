@@ -205,3 +205,22 @@ def test_fraction_rule_ignores_later_duplicates(tmp_path):
     assert result["selection"]["threshold"] == pytest.approx(values[3])
     kept = pq.read_table(publish(str(run))["manifest"]["kept.parquet"]).column("uid").to_pylist()
     assert kept == [uid(i) for i in range(6, 10)]
+
+
+def test_thresholds_keep_the_scan_histograms_of_every_score_used(tied_pool):
+    run, sieve, clip = tied_pool
+    result = aggregate(str(run), Settings(score="fused", weights={"sieve": 0.5, "clip": 0.5}, fraction=0.2,
+                                          clip="test:tiny-clip"))
+    histograms = json.loads((run / "thresholds.json").read_text())["histograms"]
+    assert histograms == result["histograms"] and set(histograms) == {"fused", "sieve", "clip"}
+    for name, values in (("sieve", sieve), ("clip", clip)):
+        h = histograms[name]
+        assert h["width"] == pytest.approx(2 / 256)
+        fine = np.floor((values + 1.0) * (1 << 19)).astype(int)  # the scan's 2^20 bins over [-1, 1]
+        coarse = np.bincount(fine // 4096)
+        first = int(np.flatnonzero(coarse)[0])
+        assert h["low"] == pytest.approx(-1 + first * h["width"]) and h["counts"] == coarse[first:].tolist()
+    assert sum(histograms["fused"]["counts"]) == 200 and histograms["fused"]["counts"][0] > 0
+
+    by_threshold = aggregate(str(run), Settings(threshold=0.5, clip="none", overwrite=True))
+    assert set(by_threshold["histograms"]) == {"sieve"} and sum(by_threshold["histograms"]["sieve"]["counts"]) == 200
