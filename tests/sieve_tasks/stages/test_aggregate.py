@@ -216,7 +216,7 @@ def test_thresholds_keep_the_scan_histograms_of_every_score_used(tied_pool):
     for name, values in (("sieve", sieve), ("clip", clip)):
         h = histograms[name]
         assert h["width"] == pytest.approx(2 / 256)
-        fine = np.floor((values + 1.0) * (1 << 19)).astype(int)  # the scan's 2^20 bins over [-1, 1]
+        fine = np.minimum(np.floor((values + 1.0) * (1 << 19)).astype(int), (1 << 20) - 1)  # the scan's bins
         coarse = np.bincount(fine // 4096)
         first = int(np.flatnonzero(coarse)[0])
         assert h["low"] == pytest.approx(-1 + first * h["width"]) and h["counts"] == coarse[first:].tolist()
