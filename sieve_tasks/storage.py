@@ -82,6 +82,14 @@ def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
 
+def remove(uri: str) -> None:
+    """Delete ``uri`` if it exists."""
+    with naming("removing", uri):
+        fs, path = filesystem(uri)
+        if fs.exists(path):
+            fs.rm_file(path)
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Write ``data`` so that readers see either nothing or the whole object."""
     if is_local(uri):
