@@ -123,10 +123,10 @@ def details_section(summary: dict[str, Any]) -> str:
         parts.append("<h2>Captioning</h2>" + table(sorted(captioning.items())))
     if isinstance(cache, dict):
         parts.append("<h2>Caption cache</h2>" + table(sorted(cache.items())))
-    parts.append("<h2>Models</h2>" + table(list((summary.get("models") or {}).items())))
+    parts.append("<h2>Models</h2>" + table(sorted((summary.get("models") or {}).items())))
     parts.append("<h2>Timings (seconds, summed over shards)</h2>"
-                 + table(list((summary.get("timings_seconds") or {}).items())))
-    parts.append("<h2>Manifest</h2>" + table(list((summary.get("manifest") or {}).items())))
+                 + table(sorted((summary.get("timings_seconds") or {}).items())))
+    parts.append("<h2>Manifest</h2>" + table(sorted((summary.get("manifest") or {}).items())))
     parts.append("<h2>Settings</h2><details><summary>stage settings</summary><pre>"
                  + e(json.dumps(summary.get("settings"), indent=2, sort_keys=True)) + "</pre></details>")
     return "".join(parts)
