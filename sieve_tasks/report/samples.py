@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from sieve_tasks import storage
 from sieve_tasks.shards import SampleError, Shard, decode_image, read_samples
 from sieve_tasks.stages.aggregate import candidate_filter, score_expression
 
+log = logging.getLogger(__name__)
 PER_GRID = 8
 THUMBNAIL_PX = 128  # longest side; ~4 KB of JPEG each, so 32 samples stay near 200 KB of base64
 THUMBNAIL_QUALITY = 70
@@ -67,7 +69,10 @@ class SampleGrids:
         return [dict(zip(names, row)) for row in relation.fetchall()]
 
     def _alt_texts(self, picked: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
-        files = sorted({storage.join(self.run, "captions", f"{r['shard']}.parquet") for r in picked})
+        files = [f for f in sorted({storage.join(self.run, "captions", f"{r['shard']}.parquet") for r in picked})
+                 if storage.exists(f)]
+        if not files:
+            return {}
         wanted = pa.table({"shard": [r["shard"] for r in picked], "position": [r["position"] for r in picked]})
         self.con.register("report_wanted", wanted)
         rows = self.con.execute("SELECT c.shard, c.position, c.text FROM read_parquet(?) c "
@@ -80,12 +85,15 @@ class SampleGrids:
         thumbnails: dict[tuple[str, int], str] = {}
         for shard_id in sorted({r["shard"] for r in picked}):
             wanted = {r["position"] for r in picked if r["shard"] == shard_id}
-            for sample in read_samples(self.shards[shard_id]):
-                if sample.position in wanted and sample.image:
-                    thumbnails[(shard_id, sample.position)] = thumbnail_uri(sample.image)
-                    wanted.discard(sample.position)
-                if not wanted or sample.position > max(wanted):
-                    break
+            try:
+                for sample in read_samples(self.shards[shard_id]):
+                    if sample.position in wanted and sample.image:
+                        thumbnails[(shard_id, sample.position)] = thumbnail_uri(sample.image)
+                        wanted.discard(sample.position)
+                    if not wanted or sample.position > max(wanted):
+                        break
+            except OSError as exc:  # the input moved or expired since captioning: the grid says "no image"
+                log.warning("no thumbnails from shard %s: %s", shard_id, exc)
         return thumbnails
 
 

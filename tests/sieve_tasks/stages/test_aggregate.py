@@ -32,7 +32,9 @@ def write_scored_run(run, shards: dict[str, list[dict]]) -> None:
         pq.write_table(pa.Table.from_pylist(full, schema=SCORES_SCHEMA), run / "scores" / f"{shard}.parquet")
         for stage in ("captions", "embeddings", "scores"):
             storage.write_json_atomic(marker_uri(str(run), stage, shard), {
-                "fingerprint": f"fixture-{shard}", "seconds": 1.0,
+                "stage": stage, "shard": shard, "fingerprint": f"fixture-{shard}", "seconds": 1.0,
+                "rows": len(full), "ok": sum(r["status"] == "ok" for r in full),
+                "failed": sum(r["status"] != "ok" for r in full),
                 "settings": {"captioner": "fixture", "captions": None, "text_encoder": "fixture", "clip": "fixture",
                              "clip_from_metadata": None}})
 
