@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import Param, dag, task
 
 from sieve_airflow.params import execution_params, model_params, selection_params
+from sieve_airflow.notifications import HEALTH_WARNING_NOTIFIERS
 from sieve_airflow.pipeline import build_pipeline, default_run_uri, plan_run
 
 DOC = """
@@ -56,7 +57,7 @@ def sieve_curation() -> None:
     def list_shards(params: dict[str, Any], run_id: str) -> list[list[str]]:
         return plan_run(params, params["input"], params.get("run") or default_run_uri(run_id))
 
-    build_pipeline(list_shards())
+    build_pipeline(list_shards(), on_warning_callback=HEALTH_WARNING_NOTIFIERS)
 
 
 sieve_curation()

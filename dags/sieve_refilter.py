@@ -10,6 +10,7 @@ from airflow.sdk import Param, Variable, dag, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from sieve_airflow.params import execution_params, model_params, selection_params
+from sieve_airflow.notifications import HEALTH_WARNING_NOTIFIERS
 from sieve_airflow.pipeline import build_pipeline, plan_run, run_base
 from sieve_airflow.planning import join_uri
 
@@ -80,7 +81,7 @@ def sieve_refilter() -> None:
             resolved["thresholds_from"] = reference
         return plan_run(resolved, input_spec, join_uri(run_base(), "refilter", ds), skip_if_empty=True)
 
-    build_pipeline(list_shards())
+    build_pipeline(list_shards(), on_warning_callback=HEALTH_WARNING_NOTIFIERS)
 
 
 sieve_refilter()
