@@ -82,11 +82,11 @@ class RunReport:
         return page.page(f"SIEVE report {self.run}", "".join(body))
 
     def _failure_examples(self) -> dict[str, list[str]]:
-        rows = self.con.execute(f"""
+        rows = self.con.execute("""
             SELECT reason, shard, key FROM (
                 SELECT reason, shard, key, row_number() OVER (PARTITION BY reason ORDER BY shard, position) AS r
-                FROM scores WHERE status <> 'ok') WHERE r <= {EXAMPLES_PER_REASON} ORDER BY reason, r
-        """).fetchall()
+                FROM scores WHERE status <> 'ok') WHERE r <= ? ORDER BY reason, r
+        """, [EXAMPLES_PER_REASON]).fetchall()
         examples: dict[str, list[str]] = {}
         for reason, shard, key in rows:
             examples.setdefault(reason, []).append(f"{shard}/{key}")

@@ -7,6 +7,7 @@ import html
 import json
 from typing import Any
 
+from sieve_tasks.report.progress import STAGES, RunProgress
 from sieve_tasks.report.samples import Grid
 
 #: Where a server that shows the page (the Airflow plugin) puts its navigation.
@@ -130,3 +131,27 @@ def details_section(summary: dict[str, Any]) -> str:
     parts.append("<h2>Settings</h2><details><summary>stage settings</summary><pre>"
                  + e(json.dumps(summary.get("settings"), indent=2, sort_keys=True)) + "</pre></details>")
     return "".join(parts)
+
+
+def progress_page(progress: RunProgress, log_path: str | None = None) -> str:
+    """The page of a run that has not published: stages done per shard, failures, lease, where the logs are."""
+    state = ("published" if progress.published else "aggregated, not published" if progress.aggregated
+             else "not published")
+    counts = [(f"{stage} done", f"{len(progress.done[stage])} of {len(progress.shards)}") for stage in STAGES]
+    parts = [f"<h1>SIEVE run <code>{e(progress.run)}</code></h1><p id='state'>{e(state)}</p>", table(counts)]
+    if progress.lease:
+        parts.append(f"<p>Lease held by <code>{e(progress.lease.get('owner'))}</code> until "
+                     f"{e(progress.lease.get('expires_at'))} (unix time).</p>")
+    if log_path:
+        parts.append(f"<p>Task logs: <code>{e(log_path)}</code></p>")
+    parts.append("<h2>Failures by reason (finished caption shards)</h2>" + failures_section(
+        {reason: examples for reason, _, examples in progress.failures},
+        {reason: n for reason, n, _ in progress.failures}))
+    head = "".join(f"<th>{stage}</th>" for stage in STAGES)
+    rows = progress.rows()
+    body = "".join(f"<tr><td>{e(shard)}</td>" + "".join(f"<td>{'done' if d else '—'}</td>" for d in done) + "</tr>"
+                   for shard, done in rows[:MAX_SHARD_ROWS])
+    more = f"<p>… and {len(rows) - MAX_SHARD_ROWS} more shards.</p>" if len(rows) > MAX_SHARD_ROWS else ""
+    parts.append(f"<h2>Shards (unfinished first)</h2><table id='progress'><tr><th>shard</th>{head}</tr>{body}</table>"
+                 + more)
+    return page(f"SIEVE run {progress.run}", "".join(parts))

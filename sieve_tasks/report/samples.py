@@ -61,9 +61,11 @@ class SampleGrids:
 
     def _pick(self, side: str, order: str) -> list[dict[str, Any]]:
         expression, params = score_expression(self.selection)
-        query = (f"SELECT shard, position, key, url, best_caption, sieve_score, clip_score, {expression} AS score "
-                 f"FROM unique_ok WHERE {candidate_filter(self.selection)} AND ({expression}) {side} ? "
-                 f"ORDER BY score {order}, shard, position LIMIT ?")
+        query = f"""
+            SELECT shard, position, key, url, best_caption, sieve_score, clip_score, {expression} AS score
+            FROM unique_ok WHERE {candidate_filter(self.selection)} AND ({expression}) {side} ?
+            ORDER BY score {order}, shard, position LIMIT ?
+        """
         relation = self.con.execute(query, params + params + [self.selection["threshold"], 4 * PER_GRID])
         names = [d[0] for d in relation.description]
         return [dict(zip(names, row)) for row in relation.fetchall()]
