@@ -259,7 +259,8 @@ class SievePublishOperator(BaseOperator):
         from sieve_tasks.report.health import HealthRules
         from sieve_tasks.stages.publish import publish
 
-        scheduled = str(getattr(context["dag_run"], "run_type", "manual")) != "manual"
+        run_type = context["dag_run"].run_type
+        scheduled = getattr(run_type, "value", run_type) != "manual"  # scheduled, backfill, asset-triggered
         with run_access(self.plan, last_step=True):
             summary = publish(self.plan["run"], HealthRules.from_mapping(self.plan.get("health_rules")), scheduled)
         counts, health, report = summary["counts"], summary["health"], summary_url(self.plan["run"])

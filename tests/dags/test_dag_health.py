@@ -64,6 +64,8 @@ def test_a_warning_publishes_and_notifies(airflow_db, demo_pool, tmp_path):
                                 "health_rules": {"failure_rate_warning": 0.01}})
     assert dagrun.state == "success", states(dagrun)
     assert heard.read_text().startswith("warning failure_rate /sieve/run?uri=")
+    health = json.loads((run / "manifest" / "summary.json").read_text())["health"]
+    assert [f["rule"] for f in health["findings"] if f["level"] == "warning"] == ["failure_rate"]  # manual run
     events = manifest_events(dagrun.run_id)
     assert len(events) == 1 and events[0].extra["verdict"] == "warning"
     assert (run / "manifest" / "_SUCCESS").exists()
