@@ -35,7 +35,7 @@ def histogram_png(score: str, histogram: dict[str, Any], threshold: float | None
     axes.bar(edges[:-1], counts, width=histogram["width"], align="edge", color=colours, linewidth=0)
     if threshold is not None:
         axes.axvline(threshold, color=COLOURS["line"], linewidth=1.5, label=f"threshold {threshold:.4g}")
-        axes.legend(loc="upper left", frameon=False)
+        axes.legend(loc="best", frameon=False)
     axes.set_xlabel(SCORE_LABELS.get(score, score))
     axes.set_ylabel("samples")
     axes.spines[["top", "right"]].set_visible(False)
