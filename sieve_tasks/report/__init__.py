@@ -67,7 +67,8 @@ class RunReport:
         score_mean = histogram_mean(histograms.get(selection["score"]))
         drawn = [(name, plots.histogram_png(name, h, selection["threshold"] if name == selection["score"] else None))
                  for name, h in sorted(histograms.items(), key=lambda kv: kv[0] != selection["score"]) if h["counts"]]
-        grids = SampleGrids(self.con, self.run, pool_shards(self.run), selection).grids()
+        grids = SampleGrids(self.con, self.run, pool_shards(self.run), selection,
+                            histograms.get(selection["score"])).grids()
         body = [f"<h1>SIEVE run <code>{page.e(self.run)}</code></h1>"]
         if summary.get("warning"):
             body.append(f"<div class='warn'>{page.e(summary['warning'])}</div>")
