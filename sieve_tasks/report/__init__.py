@@ -25,12 +25,11 @@ def report_uri(run: str) -> str:
     return storage.join(run, "manifest", "report.html")
 
 
-def stage_markers(run: str, shards: list[Shard], scores: list[dict[str, Any]] | None = None
-                  ) -> dict[str, list[dict[str, Any]]]:
-    """Every shard's completion marker of the three per-shard stages (the score markers when already read)."""
-    read = {stage: [storage.read_json(marker_uri(run, stage, s.shard_id)) for s in shards]
-            for stage in ("captions", "embeddings") + (() if scores is not None else ("scores",))}
-    return {**read, "scores": scores} if scores is not None else read
+def stage_markers(run: str, shards: list[Shard], scores: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Every shard's completion marker of the three per-shard stages (the score markers already read)."""
+    return {"captions": [storage.read_json(marker_uri(run, "captions", s.shard_id)) for s in shards],
+            "embeddings": [storage.read_json(marker_uri(run, "embeddings", s.shard_id)) for s in shards],
+            "scores": scores}
 
 
 class RunReport:

@@ -9,6 +9,7 @@ before its Asset event; a ``warning`` publishes and notifies.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,7 @@ class Baseline:
         try:
             summary = storage.read_json(storage.join(run, "manifest", "summary.json"))
             thresholds = storage.read_json(storage.join(run, "thresholds.json"))
-        except (FileNotFoundError, OSError, ValueError):
+        except (OSError, ValueError):  # not published (yet), or unreadable: no baseline
             return None
         score = (summary.get("thresholds") or {}).get("score")
         return cls(run, summary["kept_fraction_of_unique"], (thresholds.get("histograms") or {}).get(score))
@@ -76,7 +77,8 @@ def history_runs(run: str, limit: int) -> list[str]:
     date)."""
     if limit == 0:
         return []
-    parent, name = run.rstrip("/").rsplit("/", 1)
+    parent, name = posixpath.split(run.rstrip("/"))
+    parent = parent or "."
     fs, root = storage.filesystem(parent)
     try:
         found = fs.glob(f"{root.rstrip('/')}/*/manifest/summary.json")

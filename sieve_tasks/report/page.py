@@ -88,10 +88,11 @@ def grids_section(grids: list[Grid]) -> str:
         for s in grid.samples:
             image = (f"<img class='thumb' alt='{e(s['key'])}' src='{s['thumbnail']}'>" if s.get("thumbnail")
                      else "<p>(no image)</p>")
+            sieve = f" · sieve {s['sieve_score']:.3f}" if s.get("sieve_score") is not None else ""
             clip = f" · clip {s['clip_score']:.3f}" if s.get("clip_score") is not None else ""
             cards.append(f"<div class='card'>{image}<div class='alt'>{e(s.get('text'))}</div>"
                          f"<div class='cap'>{e(s.get('best_caption'))}</div>"
-                         f"<div class='sc'>score {s['score']:.4f} · sieve {s['sieve_score']:.3f}{clip}</div>"
+                         f"<div class='sc'>score {s['score']:.4f}{sieve}{clip}</div>"
                          f"<div><code>{e(s['shard'])}/{e(s['key'])}</code></div></div>")
         parts.append(f"<h3>{e(grid.title)}</h3>" + (f"<div class='grid'>{''.join(cards)}</div>" if cards
                                                     else "<p>none</p>"))

@@ -54,12 +54,14 @@ def test_drift_against_the_median_of_earlier_runs():
     assert cdf_distance(same, same) == 0.0 and cdf_distance(same, shifted) == 1.0
 
 
-def test_history_is_the_published_runs_before_this_one_beside_it(tmp_path):
+def test_history_is_the_published_runs_before_this_one_beside_it(tmp_path, monkeypatch):
     for day in ("2026-01-01", "2026-01-02", "2026-01-04", "2026-01-05"):
         storage.write_json_atomic(str(tmp_path / day / "manifest" / "summary.json"), {})
     (tmp_path / "2026-01-03").mkdir()  # not published
     assert history_runs(str(tmp_path / "2026-01-04"), 2) == [str(tmp_path / "2026-01-02"), str(tmp_path / "2026-01-01")]
     assert history_runs(str(tmp_path / "2026-01-04"), 0) == []
+    monkeypatch.chdir(tmp_path)  # a relative run directory, as `sieve publish 2026-01-04` gets it
+    assert history_runs("2026-01-04", 1) == ["./2026-01-02"]
 
 
 def test_rule_limits_are_validated():
