@@ -28,7 +28,7 @@ Prunes a DataComp-format image-text pool by comparing each alt-text with caption
 
 Every task is idempotent: per-shard completion markers make retries and reruns skip finished work.
 The run directory defaults to `<sieve_run_base>/<run id>` (Variable `sieve_run_base`, env `SIEVE_RUN_BASE`,
-else `$AIRFLOW_HOME/sieve-runs`). The *SIEVE summary* link on **publish** opens the run's summary page.
+else `$AIRFLOW_HOME/sieve-runs`). The *SIEVE summary* link on **publish** opens the run's report (also the DAG run's *SIEVE report* tab).
 """
 
 

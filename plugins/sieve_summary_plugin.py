@@ -5,10 +5,10 @@
                                          first, with its DAG run, verdict and counts, and the daily refilter's trend;
                                          a "SIEVE runs" nav entry
 * ``/sieve/run?uri=RUN``                the run's ``manifest/report.html``, or where an unpublished run stands
-                                         (what the publish task's "SIEVE summary" link opens)
 * ``/sieve/api/run?uri=RUN``            the published summary as JSON
 * ``/sieve/dag-runs/{dag_id}/{run_id}`` the same for a DAG run (its run directory is the XCom ``run`` of
                                          ``list_shards``), with its log folder; a "SIEVE report" tab on every DAG run
+                                         (where the publish task's "SIEVE summary" link leads)
 
 Every route needs an authenticated Airflow user allowed to read DAG runs (JWT bearer token or the UI's
 session cookie). Run directories are read through ``sieve_tasks.storage``, only from local paths or object

@@ -216,24 +216,29 @@ def aggregate(plan: dict[str, Any]) -> dict[str, Any]:
             "rule": result["selection"]["rule"]}
 
 
-def summary_url(run: str) -> str:
-    """Where the plugin shows a run's summary (absolute when [api] base_url is set)."""
+#: The plugin's external view on DAG runs (plugins/sieve_summary_plugin.py): the report inside the Airflow UI.
+REPORT_VIEW_ROUTE = "sieve-run-summary"
+
+
+def _api_base() -> str:
     from airflow.sdk import conf
 
-    base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
-    return f"{base}/sieve/run?uri={quote(run, safe='')}"
+    return (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+
+
+def summary_url(run: str) -> str:
+    """The plugin's page of a run's report, on its own (absolute when [api] base_url is set)."""
+    return f"{_api_base()}/sieve/run?uri={quote(run, safe='')}"
 
 
 class SieveSummaryLink(BaseOperatorLink):
-    """'SIEVE summary' button on the publish task: the plugin's page for this run."""
+    """'SIEVE summary' button on the publish task: the DAG run's "SIEVE report" tab, inside the Airflow UI."""
 
     name = "SIEVE summary"
 
     def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
-        plan = getattr(operator, "plan", None)
-        if not isinstance(plan, dict):
-            return ""
-        return summary_url(plan["run"])
+        return (f"{_api_base()}/dags/{quote(ti_key.dag_id, safe='')}/runs/{quote(ti_key.run_id, safe='')}"
+                f"/plugin/{REPORT_VIEW_ROUTE}")
 
 
 class SievePublishOperator(BaseOperator):

@@ -144,6 +144,12 @@ def curated(live_airflow, demo_pool):
     return {"api": api, "run_id": run_id, "run_dir": run_dir, "task_instances": tis}
 
 
+def publish_link(api, run_id: str) -> str:
+    links = api.get(f"/api/v2/dags/sieve_curation/dagRuns/{quote(run_id, safe='')}/taskInstances/publish/links")
+    assert links.status_code == 200, links.text
+    return links.json()["extra_links"]["SIEVE summary"]
+
+
 def test_trigger_by_rest_api_and_read_the_summary_over_http(live_airflow, curated):
     import httpx
 
@@ -157,12 +163,9 @@ def test_trigger_by_rest_api_and_read_the_summary_over_http(live_airflow, curate
     assert named == {("local_batch.caption", "00000000"), ("local_batch.caption", "00000001")}
     assert (run_dir / "manifest" / "subset.npy").exists()
 
-    # the publish task's extra link points at the plugin page, which serves the summary
-    links = api.get(f"/api/v2/dags/sieve_curation/dagRuns/{quote(run_id, safe='')}/taskInstances/publish/links")
-    assert links.status_code == 200, links.text
-    link = links.json()["extra_links"]["SIEVE summary"]
-    assert link == f"{base}/sieve/run?uri={quote(str(run_dir), safe='')}"
-    page = api.get(link)
+    # the publish task's extra link opens the DAG run's report tab inside the UI; the plugin serves the report
+    assert publish_link(api, run_id) == f"{base}/dags/sieve_curation/runs/{quote(run_id, safe='')}/plugin/sieve-run-summary"
+    page = api.get(f"{base}/sieve/run?uri={quote(str(run_dir), safe='')}")
     assert page.status_code == 200 and "<th>kept</th><td class='n'>4</td>" in page.text
 
     # the DAG-run tab and the index, over HTTP, with the UI's cookie instead of a bearer token
@@ -198,7 +201,7 @@ def test_the_report_renders_inside_the_airflow_ui_in_a_real_browser(live_airflow
             page.get_by_role("button", name="Sign in").click()
             page.wait_for_url(re.compile(r"^(?!.*/auth/login).*$"))
 
-            page.goto(f"{base}/dags/sieve_curation/runs/{quote(run_id, safe='')}/plugin/sieve-run-summary")
+            page.goto(publish_link(curated["api"], run_id))  # the publish task's "SIEVE summary" link
             page.wait_for_selector("iframe", timeout=60_000)
             report = page.frame_locator("iframe").first
             report.locator("#verdict").wait_for(timeout=60_000)

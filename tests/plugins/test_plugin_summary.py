@@ -47,6 +47,9 @@ def test_plugin_registers_app_views_and_is_loaded_by_airflow(plugin_module):
     assert plugin.fastapi_apps[0]["url_prefix"] == "/sieve"
     destinations = {v["destination"]: v["href"] for v in plugin.external_views}
     assert destinations == {"nav": "/sieve/", "dag_run": "/sieve/dag-runs/{DAG_ID}/{RUN_ID}"}
+    from sieve_airflow.pipeline import REPORT_VIEW_ROUTE  # where the publish task's link leads
+
+    assert [v["url_route"] for v in plugin.external_views if v["destination"] == "dag_run"] == [REPORT_VIEW_ROUTE]
 
     from airflow import plugins_manager
 
