@@ -1,5 +1,6 @@
-"""The report's plots, drawn with matplotlib (Agg) into PNG data URIs. Same input, same bytes: the PNG carries
-no software or date metadata, so a re-published report is byte-identical."""
+"""The report's plots, drawn with matplotlib into PNG data URIs. Figures are made without pyplot (no global
+backend or figure state, so importing the library changes nothing in a notebook). Same input, same bytes: the
+PNG carries no software or date metadata, so a re-published report is byte-identical."""
 
 from __future__ import annotations
 
@@ -7,20 +8,16 @@ import base64
 import io
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 SCORE_LABELS = {"sieve": "SIEVE score", "clip": "CLIP score", "fused": "fused score"}
 COLOURS = {"kept": "#16a34a", "dropped": "#9ca3af", "line": "#dc2626"}
 
 
-def _png(figure: plt.Figure) -> str:
+def _png(figure: Figure) -> str:
     out = io.BytesIO()
     figure.savefig(out, format="png", dpi=100, metadata={"Software": None})
-    plt.close(figure)
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")
 
 
@@ -29,7 +26,8 @@ def histogram_png(score: str, histogram: dict[str, Any], threshold: float | None
     and the bar is marked."""
     counts = np.asarray(histogram["counts"], float)
     edges = histogram["low"] + histogram["width"] * np.arange(len(counts) + 1)
-    figure, axes = plt.subplots(figsize=(6.4, 2.6), layout="constrained")
+    figure = Figure(figsize=(6.4, 2.6), layout="constrained")
+    axes = figure.subplots()
     colours = [COLOURS["kept"] if threshold is not None and left + histogram["width"] > threshold else COLOURS["dropped"]
                for left in edges[:-1]]
     axes.bar(edges[:-1], counts, width=histogram["width"], align="edge", color=colours, linewidth=0)
@@ -44,7 +42,8 @@ def histogram_png(score: str, histogram: dict[str, Any], threshold: float | None
 
 def trend_png(days: list[str], kept_fraction: list[float], mean_score: list[float | None]) -> str:
     """Kept fraction and mean selected score per day (the daily refilter's runs)."""
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(6.4, 3.2), sharex=True, layout="constrained")
+    figure = Figure(figsize=(6.4, 3.2), layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True)
     positions = np.arange(len(days))
     top.plot(positions, [100 * k for k in kept_fraction], marker="o", color=COLOURS["kept"])
     top.set_ylabel("kept %")
