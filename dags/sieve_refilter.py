@@ -11,6 +11,7 @@ from airflow.sdk import Param, Variable, dag, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from sieve_airflow.params import execution_params, model_params, selection_params
+from sieve_airflow.notifications import HEALTH_WARNING_NOTIFIERS
 from sieve_airflow.pipeline import build_pipeline, object_store, plan_run, run_base
 from sieve_airflow.planning import join_uri
 
@@ -112,7 +113,7 @@ def sieve_refilter() -> None:
         return result
 
     listing = list_shards()
-    build_pipeline(listing) >> compact_caption_cache(listing["plan"])
+    build_pipeline(listing, on_warning_callback=HEALTH_WARNING_NOTIFIERS) >> compact_caption_cache(listing["plan"])
 
 
 sieve_refilter()

@@ -80,6 +80,24 @@ def _selection_options() -> argparse.ArgumentParser:
     return p
 
 
+def _health_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("health verdict")
+    g.add_argument("--health-rules", type=_health_rules, default=None, metavar="JSON",
+                   help="limits of the health rules as JSON, e.g. '{\"failure_rate_failed\": 0.2}' (README: "
+                   "Health verdict); a failed verdict exits with status 3")
+    return p
+
+
+def _health_rules(text: str):
+    from sieve_tasks.report.health import HealthRules
+
+    try:
+        return HealthRules.from_mapping(json.loads(text))
+    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise argparse.ArgumentTypeError(f"not a JSON object of known rule limits: {exc}") from None
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     fields = Settings.__dataclass_fields__
     return Settings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
@@ -90,9 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     model_opts, selection_opts, lease_opts = _model_options(), _selection_options(), _lease_options()
+    health_opts = _health_options()
     io_help = "INPUT: shard directory/prefix, glob or brace list (local or s3://); RUN: run directory"
 
-    run = sub.add_parser("run", parents=[model_opts, selection_opts, lease_opts], help="all stages in one process")
+    run = sub.add_parser("run", parents=[model_opts, selection_opts, lease_opts, health_opts],
+                         help="all stages in one process")
     run.add_argument("input")
     run.add_argument("run")
     run.add_argument("--no-progress", action="store_true")
@@ -106,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     agg = sub.add_parser("aggregate", parents=[selection_opts, lease_opts], help="DuckDB thresholds over all scores")
     agg.add_argument("run")
     agg.add_argument("--overwrite", action="store_true")
-    pub = sub.add_parser("publish", parents=[lease_opts], help="write RUN/manifest (subset.npy, kept.parquet, summary.json)")
+    pub = sub.add_parser("publish", parents=[lease_opts, health_opts],
+                         help="write RUN/manifest (subset.npy, kept.parquet, summary.json, report.html)")
     pub.add_argument("run")
     cache = sub.add_parser("cache", help="upkeep of a --caption-cache").add_subparsers(dest="cache_command",
                                                                                        required=True)
@@ -117,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("cache", metavar="URI")
         if name == "prune":
             command.add_argument("--days", type=float, required=True, help="keep entries used within this many days")
+    report = sub.add_parser("report", parents=[lease_opts],
+                            help="write RUN/manifest/report.html again from a published run")
+    report.add_argument("run")
     sample = sub.add_parser("make-sample", help="write a small demo pool of real photos")
     sample.add_argument("out")
     sample.add_argument("--shards", type=int, default=2)
@@ -168,7 +192,12 @@ def _dispatch_run_command(args: argparse.Namespace) -> int:
     from sieve_tasks.stages.publish import TEST_PROFILE_WARNING, publish
 
     if args.command == "publish":
-        _report(publish(args.run))
+        return _report(publish(args.run, args.health_rules))
+    if args.command == "report":
+        from sieve_tasks.report import RunReport
+
+        uri, size = RunReport.load(args.run).write()
+        print(f"{uri} ({size / 1e6:.2f} MB)")
         return 0
     settings = settings_from_args(args)
     if settings.profile == "test":
@@ -179,7 +208,8 @@ def _dispatch_run_command(args: argparse.Namespace) -> int:
     if args.command == "aggregate":
         print(json.dumps(aggregate(args.run, settings)["selection"], indent=2))
     elif args.command == "run":
-        _report(runner.run_all(args.input, args.run, settings, progress=not args.no_progress))
+        return _report(runner.run_all(args.input, args.run, settings, progress=not args.no_progress,
+                                      rules=args.health_rules))
     else:
         for marker in runner.run_shard_stage(args.command, args.input, args.run, settings, args.shards, progress=True):
             state = "skipped (complete)" if marker["skipped"] else f"{marker['seconds']}s"
@@ -187,7 +217,8 @@ def _dispatch_run_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(summary: dict) -> None:
+def _report(summary: dict) -> int:
+    """Print the outcome; the exit status is 3 when the health verdict is failed."""
     counts = summary["counts"]
     print(f"read {counts['read']}  scored {counts['scored']}  failed {counts['failed']}  "
           f"duplicates {counts['duplicates']}  kept {counts['kept']}  (threshold {summary['thresholds']['threshold']:.6g})")
@@ -201,6 +232,12 @@ def _report(summary: dict) -> None:
         print(f"{name}: {uri}")
     if summary["warning"]:
         print(summary["warning"], file=sys.stderr)
+    health = summary["health"]
+    print(f"health: {health['verdict']}")
+    for finding in health["findings"]:
+        if finding["level"] != "healthy":
+            print(f"  {finding['level']}: {finding['rule']}: {finding['message']}", file=sys.stderr)
+    return 3 if health["verdict"] == "failed" else 0
 
 
 if __name__ == "__main__":

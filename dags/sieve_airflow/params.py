@@ -85,6 +85,10 @@ def execution_params(*, section: str = "Execution") -> dict[str, Param]:
         "aws_conn_id": Param(None, type=["null", "string"], section=section, title="Object-store connection",
                              description="Airflow AWS connection for s3:// inputs and runs (login/password = keys, "
                                          "extra endpoint_url / region_name); empty: the standard AWS environment."),
+        "health_rules": Param({}, type="object", section=section, title="Health rules",
+                              description="Limits of the publish-time health rules, over the Variable "
+                                          "sieve_health_rules (README: Health verdict), e.g. "
+                                          "{\"failure_rate_failed\": 0.2}. A failed verdict fails publish."),
         "shards_per_task": Param(1, type="integer", minimum=1, section=section, title="Shards per task",
                                  description="Shards per mapped task / pod; enlarged automatically when the pool "
                                              "has more batches than core.max_map_length."),

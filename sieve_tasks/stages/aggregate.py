@@ -29,6 +29,9 @@ from sieve_tasks.stages.base import FINGERPRINT_KEY, InconsistentRun, marker_uri
 SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
 HISTOGRAM_BINS = 1 << 20
 SCAN_BATCH = 1 << 20
+REPORT_BINS = 256  # the histograms kept in thresholds.json: the 2^20 scan bins summed 4096 at a time
+# Bump when thresholds.json gains facts that older runs lack, so they are recomputed once.
+THRESHOLDS_FORMAT = 2
 
 
 def thresholds_uri(run: str) -> str:
@@ -100,37 +103,66 @@ def define_views(con: duckdb.DuckDBPyConnection, files: list[str], duplicates: s
 
 
 def scan_scored(con: duckdb.DuckDBPyConnection, rows: int, selection: dict[str, Any] | None
-                ) -> tuple[np.ndarray, np.ndarray | None]:
+                ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """One streamed scan of every scored row: the first 64 bits of uids seen more than once (each a candidate
-    duplicate, checked on the full uid later) and, when ``selection`` is given, the histogram of its score.
+    duplicate, checked on the full uid later) and, when ``selection`` is given, the histograms of the scores it
+    uses (:func:`histogram_scores`).
 
     The uid bits go to range-partitioned temporary files (:class:`RadixBuckets`) that are sorted two at a time,
     so memory stays bounded whatever the pool size.
     """
-    columns, params = "uid_hi", []
+    columns, params, names = "uid_hi", [], []
     if selection is not None:
-        bin_of, params = _bin_expression(selection)
-        columns += f", CASE WHEN {candidate_filter(selection)} THEN {bin_of} END"
+        for name, part in histogram_scores(selection).items():
+            bin_of, bin_params = _bin_expression(part)
+            columns += f", CASE WHEN {candidate_filter(selection)} THEN {bin_of} END"
+            params += bin_params
+            names.append(name)
     reader = con.sql(f"SELECT {columns} FROM scores WHERE status = 'ok'", params=params).to_arrow_reader(SCAN_BATCH)
-    histogram = None if selection is None else np.zeros(HISTOGRAM_BINS, np.int64)
+    histograms = {name: np.zeros(HISTOGRAM_BINS, np.int64) for name in names}
     with RadixBuckets(np.uint64, rows) as uid_hi:
         for batch in reader:
             uid_hi.add(batch.column(0).to_numpy())
-            if histogram is not None:
-                histogram += np.bincount(batch.column(1).drop_null().to_numpy(), minlength=HISTOGRAM_BINS)
+            for index, name in enumerate(names, start=1):
+                histograms[name] += np.bincount(batch.column(index).drop_null().to_numpy(), minlength=HISTOGRAM_BINS)
         repeated = [np.unique(v[1:][v[1:] == v[:-1]]) for v in uid_hi.sorted_buckets(np.sort)]
-    return np.concatenate(repeated), histogram
+    return np.concatenate(repeated), histograms
 
 
-def histogram_of(con: duckdb.DuckDBPyConnection, selection: dict[str, Any]) -> np.ndarray:
-    """The histogram of the selected score over the candidates (unique rows), streamed."""
-    bin_of, params = _bin_expression(selection)
-    reader = con.sql(f"SELECT {bin_of} FROM unique_ok WHERE {candidate_filter(selection)}",
-                     params=params).to_arrow_reader(SCAN_BATCH)
-    histogram = np.zeros(HISTOGRAM_BINS, np.int64)
-    for batch in reader:
-        histogram += np.bincount(batch.column(0).to_numpy(), minlength=HISTOGRAM_BINS)
-    return histogram
+def histogram_scores(selection: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The scores a selection uses, each as a selection of its own: the selected one, and for a fused score
+    its components too (``{"fused": ..., "sieve": ..., "clip": ...}``)."""
+    parts = {selection["score"]: selection}
+    if selection["score"] == "fused":
+        parts.update({name: {**selection, "score": name} for name in sorted(selection["weights"])})
+    return parts
+
+
+def histograms_of(con: duckdb.DuckDBPyConnection, selection: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The histograms of the selection's scores over the candidates (unique rows), streamed."""
+    histograms = {}
+    for name, part in histogram_scores(selection).items():
+        bin_of, params = _bin_expression(part)
+        reader = con.sql(f"SELECT {bin_of} FROM unique_ok WHERE {candidate_filter(selection)}",
+                         params=params).to_arrow_reader(SCAN_BATCH)
+        histogram = np.zeros(HISTOGRAM_BINS, np.int64)
+        for batch in reader:
+            histogram += np.bincount(batch.column(0).to_numpy(), minlength=HISTOGRAM_BINS)
+        histograms[name] = histogram
+    return histograms
+
+
+def report_histogram(score: str, histogram: np.ndarray) -> dict[str, Any]:
+    """A scan histogram summed into :data:`REPORT_BINS` bins and trimmed to its non-empty span, for
+    thresholds.json: ``low`` (left edge of the first bin), ``width`` and ``counts``."""
+    low, high = _score_range(score)
+    coarse = histogram.reshape(REPORT_BINS, -1).sum(axis=1)
+    width = (high - low) / REPORT_BINS
+    filled = np.flatnonzero(coarse)
+    if filled.size == 0:
+        return {"low": low, "width": width, "counts": []}
+    first, last = int(filled[0]), int(filled[-1])
+    return {"low": low + first * width, "width": width, "counts": [int(c) for c in coarse[first:last + 1]]}
 
 
 def later_duplicates(con: duckdb.DuckDBPyConnection, run: str, repeated_uid_hi: np.ndarray) -> tuple[int, str | None]:
@@ -179,8 +211,10 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     """Compute counts, min/max and the keep threshold for the whole pool; skip when already done."""
     files, markers = score_files(run, pool_shards(run))
     request = settings.subset("score", "weights", "fraction", "threshold", "thresholds_from", "basic_filter")
+    request["format"] = THRESHOLDS_FORMAT
+    reference = None
     if settings.thresholds_from is not None:
-        request["reference"] = storage.read_json(thresholds_uri(settings.thresholds_from))["selection"]
+        reference = request["reference"] = storage.read_json(thresholds_uri(settings.thresholds_from))["selection"]
     scores = scores_fingerprint(markers)
     expected = fingerprint({"request": request, "scores": scores})
     uri = thresholds_uri(run)
@@ -201,23 +235,25 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     ok = [row[3:] for row in by_status if row[0] == "ok"]
     minmax = _minmax(ok[0] if ok else (None,) * 4)
     selection = _base_selection(settings, minmax)
-    # the duplicate check and the histogram share one scan; both assume no duplicates, the usual case
-    repeated, histogram = scan_scored(con, scored, selection if settings.fraction is not None else None)
+    # the duplicate check and the histograms share one scan; both assume no duplicates, the usual case
+    repeated, histograms = scan_scored(con, scored, selection or reference)
     duplicates, duplicates_file = later_duplicates(con, run, repeated)
-    if duplicates_file is not None:  # min/max and histogram of the unique rows instead
+    if duplicates_file is not None:  # min/max and histograms of the unique rows instead
         define_views(con, files, duplicates_file)
         minmax = _minmax(con.execute("SELECT min(sieve_score), max(sieve_score), min(clip_score), max(clip_score) "
                                      "FROM unique_ok").fetchall()[0])
         selection = _base_selection(settings, minmax)
-        histogram = histogram_of(con, selection) if histogram is not None else None
+        histograms = histograms_of(con, selection or reference)
+    chosen = (selection or reference)["score"]
     result = {
         "fingerprint": expected,
         "scores_fingerprint": scores,
-        "selection": _selection(con, settings, selection, histogram),
+        "selection": _selection(con, settings, selection, histograms.get(chosen)),
         "counts": {"read": scored + failed, "scored": scored, "failed": failed, "duplicates": duplicates},
         "failed_by_reason": {row[1]: row[2] for row in by_status if row[0] != "ok"},
         "duplicates_file": duplicates_file,
         "pool_minmax": minmax,
+        "histograms": {name: report_histogram(name, h) for name, h in histograms.items()},
         "seconds": round(time.perf_counter() - started, 3),
     }
     storage.write_json_atomic(uri, result)
@@ -257,9 +293,13 @@ def _bin_expression(selection: dict[str, Any]) -> tuple[str, list[Any]]:
     """SQL for the histogram bin of the selected score. Scores have a known range (cosines in [-1, 1], a fused
     score in [0, 1]), cut into 2^20 equal bins."""
     expression, params = score_expression(selection)
-    low, high = (0.0, 1.0) if selection["score"] == "fused" else (-1.0, 1.0)
+    low, high = _score_range(selection["score"])
     return (f"least(greatest(CAST(floor((({expression}) - ?) * ?) AS BIGINT), 0), {HISTOGRAM_BINS - 1})",
             params + [low, HISTOGRAM_BINS / (high - low)])
+
+
+def _score_range(score: str) -> tuple[float, float]:
+    return (0.0, 1.0) if score == "fused" else (-1.0, 1.0)
 
 
 def fraction_threshold(con: duckdb.DuckDBPyConnection, selection: dict[str, Any], fraction: float,

@@ -1,5 +1,6 @@
-"""Publish step: ``RUN/manifest/`` with DataComp's ``subset.npy``, ``kept.parquet`` and ``summary.json``,
-and the completion marker ``_SUCCESS`` written last. Re-publishing a run gives byte-identical files."""
+"""Publish step: ``RUN/manifest/`` with DataComp's ``subset.npy``, ``kept.parquet``, ``summary.json`` (with the
+health verdict) and ``report.html``, and the completion marker ``_SUCCESS`` written last, only when the verdict
+is not ``failed``. Re-publishing a run gives byte-identical files."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from numpy.lib import format as npy_format
 from sieve_tasks import storage
 from sieve_tasks.buckets import RadixBuckets
 from sieve_tasks.pool import pool_shards
+from sieve_tasks.report import RunReport, stage_markers
+from sieve_tasks.report.health import HealthRules, assess, histogram_mean
+from sieve_tasks.report.shards import kept_by_shard, shard_table
 from sieve_tasks.stages.aggregate import (candidate_filter, check_score_files, connect, define_views, score_expression,
                                          score_files, scores_fingerprint, thresholds_uri)
 from sieve_tasks.stages.base import InconsistentRun, marker_uri
@@ -22,7 +26,7 @@ from sieve_tasks.test_models import is_test_model
 SUBSET_DTYPE = np.dtype("u8,u8")
 KEPT_COLUMNS = ("shard", "key", "url", "sieve_score", "sieve_mean", "clip_score", "best_caption")
 ROWS_PER_BATCH = 1 << 18
-MANIFEST_FILES = ("subset.npy", "kept.parquet", "summary.json", "_SUCCESS")
+MANIFEST_FILES = ("subset.npy", "kept.parquet", "summary.json", "report.html", "_SUCCESS")
 DICTIONARY_COLUMNS = ["shard"]  # the other columns are (nearly) unique per row: a dictionary only costs time
 TEST_PROFILE_WARNING = (
     "TEST PROFILE: the captioner and CLIP are tiny randomly initialised models built offline; the scores "
@@ -34,8 +38,9 @@ def manifest_uri(run: str, name: str = "") -> str:
     return storage.join(run, "manifest", name) if name else storage.join(run, "manifest")
 
 
-def publish(run: str) -> dict[str, Any]:
-    """Write the manifest of an aggregated run and return its summary."""
+def publish(run: str, rules: HealthRules | None = None, scheduled: bool = False) -> dict[str, Any]:
+    """Write the manifest and report of an aggregated run and return its summary (``health.verdict`` says
+    whether it may be used; ``scheduled``: a scheduled DAG run, where the test profile is not expected)."""
     # _SUCCESS goes first and comes back last: whatever a killed publish leaves, it never vouches for it
     storage.remove(manifest_uri(run, "_SUCCESS"))
     for name in MANIFEST_FILES:
@@ -61,12 +66,15 @@ def publish(run: str) -> dict[str, Any]:
     """
     kept = _write_manifest_files(con.sql(query, params=params + params + [selection["threshold"]]), run,
                                  thresholds["counts"]["scored"])
-    markers = {"captions": [storage.read_json(marker_uri(run, "captions", s.shard_id)) for s in shards],
-               "embeddings": [storage.read_json(marker_uri(run, "embeddings", s.shard_id)) for s in shards],
-               "scores": score_markers}
+    markers = stage_markers(run, shards, score_markers)
+    shard_rows = shard_table(markers, kept_by_shard(con, run))
     summary = _summary(run, thresholds, kept, markers)
+    summary["health"] = assess(run, summary, thresholds.get("histograms") or {}, shard_rows, rules or HealthRules(),
+                               scheduled)
     storage.write_json_atomic(manifest_uri(run, "summary.json"), summary)
-    storage.write_json_atomic(manifest_uri(run, "_SUCCESS"), {"kept": kept, "fingerprint": thresholds["fingerprint"]})
+    RunReport(run, con, summary, thresholds, shard_rows).write()
+    if summary["health"]["verdict"] != "failed":  # a failed run is never marked complete
+        storage.write_json_atomic(manifest_uri(run, "_SUCCESS"), {"kept": kept, "fingerprint": thresholds["fingerprint"]})
     return summary
 
 
@@ -181,6 +189,7 @@ def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str,
         "captioning": caption_facts,
         "timings_seconds": {"caption": caption_s, "embed": embed_s, "score": score_s,
                             "aggregate": thresholds["seconds"]},
-        "manifest": {name: manifest_uri(run, name) for name in MANIFEST_FILES[:3]},
+        "manifest": {name: manifest_uri(run, name) for name in MANIFEST_FILES[:4]},
+        "score_mean": histogram_mean((thresholds.get("histograms") or {}).get(thresholds["selection"]["score"])),
         "shards": len(markers["scores"]),
     }

@@ -72,8 +72,8 @@ def test_publish_updates_the_manifest_asset_and_links_the_summary(local_run):
     assert not (run / "_lease.json").exists()
     from urllib.parse import quote
 
-    link = xcoms(dagrun, "publish", "_link_SieveSummaryLink")
-    assert link == [f"/sieve/run?uri={quote(str(run), safe='')}"]
+    link = xcoms(dagrun, "publish", "_link_SieveSummaryLink")  # the DAG run's report tab, inside the UI
+    assert link == [f"/dags/sieve_curation/runs/{quote(dagrun.run_id, safe='')}/plugin/sieve-run-summary"]
     assert xcoms(dagrun, "list_shards", "run") == [str(run)]
 
 

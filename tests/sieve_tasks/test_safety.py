@@ -24,9 +24,9 @@ def test_open_clip_checkpoints_load_with_weights_only():
 
 def test_sql_takes_user_values_only_as_parameters():
     """f-strings that build SQL may only splice the fixed score-column expressions, never paths or params."""
-    for path in (SOURCE / "stages" / "aggregate.py", SOURCE / "stages" / "publish.py"):
+    for path in (SOURCE / "stages" / "aggregate.py", SOURCE / "stages" / "publish.py", *(SOURCE / "report").glob("*.py")):
         for fragment in re.findall(r'f"""(.*?)"""|f"(SELECT[^"]*)"', path.read_text(), re.S):
             spliced = re.findall(r"\{([^}]*)\}", "".join(fragment))
             allowed = {"expression", "columns", "bin_of", "', '.join(KEPT_COLUMNS)", "candidate_filter(selection)",
-                       "order"}
+                       "order", "candidate_filter(self.selection)", "side"}  # side, order: from samples.GRIDS
             assert set(spliced) <= allowed, (path, spliced)
