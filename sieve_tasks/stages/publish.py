@@ -20,7 +20,7 @@ from sieve_tasks.report.health import HealthRules, assess, histogram_mean
 from sieve_tasks.report.shards import kept_by_shard, shard_table
 from sieve_tasks.stages.aggregate import (candidate_filter, check_score_files, connect, define_views, score_expression,
                                          score_files, scores_fingerprint, thresholds_uri)
-from sieve_tasks.stages.base import InconsistentRun, marker_uri
+from sieve_tasks.stages.base import InconsistentRun
 from sieve_tasks.test_models import is_test_model
 
 SUBSET_DTYPE = np.dtype("u8,u8")
