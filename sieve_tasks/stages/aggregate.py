@@ -25,8 +25,8 @@ from sieve_tasks.pool import pool_shards
 from sieve_tasks.settings import Settings, fingerprint
 from sieve_tasks.shards import Shard
 from sieve_tasks.stages.base import marker_uri
-
-SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
+from sieve_tasks.tables import (SCORE_COLUMNS, define_selectable, plan_sources, score_column,
+                                write_metadata_basic_filter)
 HISTOGRAM_BINS = 1 << 20
 SCAN_BATCH = 1 << 20
 
@@ -66,7 +66,8 @@ def score_files(run: str, shards: list[Shard]) -> tuple[list[str], list[dict[str
 
 
 def define_views(con: duckdb.DuckDBPyConnection, files: list[str], duplicates: str | None = None) -> None:
-    """``scores`` (every row read) and ``unique_ok`` (scored rows, each uid once: first shard, first position).
+    """``scores`` (every row read) and ``unique_ok`` (scored rows, each uid once: first shard, first position), and
+    ``selectable`` as ``unique_ok`` (:func:`sieve_tasks.tables.define_selectable` adds joined tables to it).
 
     ``duplicates`` is the parquet of later occurrences written by :func:`later_duplicates`.
     """
@@ -80,6 +81,7 @@ def define_views(con: duckdb.DuckDBPyConnection, files: list[str], duplicates: s
             SELECT * FROM scores s WHERE status = 'ok'
             AND NOT EXISTS (SELECT 1 FROM later_duplicates d WHERE d.shard = s.shard AND d.position = s.position)
         """)
+    con.execute("CREATE OR REPLACE TEMP VIEW selectable AS SELECT * FROM unique_ok")
 
 
 def scan_scored(con: duckdb.DuckDBPyConnection, rows: int, selection: dict[str, Any] | None
@@ -108,7 +110,7 @@ def scan_scored(con: duckdb.DuckDBPyConnection, rows: int, selection: dict[str, 
 def histogram_of(con: duckdb.DuckDBPyConnection, selection: dict[str, Any]) -> np.ndarray:
     """The histogram of the selected score over the candidates (unique rows), streamed."""
     bin_of, params = _bin_expression(selection)
-    reader = con.sql(f"SELECT {bin_of} FROM unique_ok WHERE {candidate_filter(selection)}",
+    reader = con.sql(f"SELECT {bin_of} FROM selectable WHERE {candidate_filter(selection)}",
                      params=params).to_arrow_reader(SCAN_BATCH)
     histogram = np.zeros(HISTOGRAM_BINS, np.int64)
     for batch in reader:
@@ -139,11 +141,11 @@ def later_duplicates(con: duckdb.DuckDBPyConnection, run: str, repeated_uid_hi: 
 def score_expression(selection: dict[str, Any]) -> tuple[str, list[Any]]:
     """SQL for the selected score (columns from a fixed list, numbers as parameters)."""
     score = selection["score"]
-    if score in SCORE_COLUMNS:
-        return SCORE_COLUMNS[score], []
+    if score != "fused":
+        return score_column(score), []
     terms, params = [], []
     for name, weight in sorted(selection["weights"].items()):
-        column = SCORE_COLUMNS[name]
+        column = score_column(name)
         low, high = selection["minmax"][column]["min"], selection["minmax"][column]["max"]
         terms.append(f"CAST(? AS DOUBLE) * CASE WHEN ? = ? THEN 0.0 ELSE ({column} - ?) / (? - ?) END")
         params += [weight, high, low, low, high, low]
@@ -152,7 +154,7 @@ def score_expression(selection: dict[str, Any]) -> tuple[str, list[Any]]:
 
 def candidate_filter(selection: dict[str, Any]) -> str:
     names = selection["weights"] if selection["score"] == "fused" else [selection["score"]]
-    clauses = [f"{SCORE_COLUMNS[n]} IS NOT NULL" for n in names]
+    clauses = [f"{score_column(n)} IS NOT NULL" for n in names]
     if selection["basic_filter"]:
         clauses.append("passes_basic_filter")
     return " AND ".join(clauses)
@@ -163,8 +165,13 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     files, markers = score_files(run, pool_shards(run))
     prints = [marker["fingerprint"] for marker in markers]
     request = settings.subset("score", "weights", "fraction", "threshold", "thresholds_from", "basic_filter")
+    reference = None
     if settings.thresholds_from is not None:
-        request["reference"] = storage.read_json(thresholds_uri(settings.thresholds_from))["selection"]
+        reference = request["reference"] = storage.read_json(thresholds_uri(settings.thresholds_from))["selection"]
+    names, basic_filter = _selected(reference or {**settings.subset("score", "weights", "basic_filter")})
+    sources = plan_sources(run, settings, names, basic_filter)
+    if sources["tables"] or settings.population != "scored":  # runs without them keep their fingerprints
+        request["sources"] = {**sources, "clip_from_metadata": settings.clip_from_metadata}
     expected = fingerprint({"request": request, "scores": prints})
     uri = thresholds_uri(run)
     if not settings.overwrite and storage.exists(uri):
@@ -183,10 +190,20 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     ok = [row[3:] for row in by_status if row[0] == "ok"]
     minmax = _minmax(ok[0] if ok else (None,) * 4)
     selection = _base_selection(settings, minmax)
-    # the duplicate check and the histogram share one scan; both assume no duplicates, the usual case
-    repeated, histogram = scan_scored(con, scored, selection if settings.fraction is not None else None)
+    # the duplicate check and the histogram share one scan; both assume no duplicates and no joined table, the usual case
+    joined = bool(sources["tables"])
+    repeated, histogram = scan_scored(con, scored, selection if settings.fraction is not None and not joined else None)
     duplicates, duplicates_file = later_duplicates(con, run, repeated)
-    if duplicates_file is not None:  # min/max and histogram of the unique rows instead
+    tables, missing = {}, {}
+    if joined:
+        define_views(con, files, duplicates_file)
+        if "metadata_basic_filter" in sources["tables"]:
+            write_metadata_basic_filter(con, settings.metadata, sources["tables"]["metadata_basic_filter"]["uri"])
+        tables = define_selectable(con, sources)
+        minmax, missing = _selectable_facts(con, sources, names)
+        selection = _base_selection(settings, minmax)
+        histogram = histogram_of(con, selection) if settings.fraction is not None else None
+    elif duplicates_file is not None:  # min/max and histogram of the unique rows instead
         define_views(con, files, duplicates_file)
         minmax = _minmax(con.execute("SELECT min(sieve_score), max(sieve_score), min(clip_score), max(clip_score) "
                                      "FROM unique_ok").fetchall()[0])
@@ -199,10 +216,38 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
         "failed_by_reason": {row[1]: row[2] for row in by_status if row[0] != "ok"},
         "duplicates_file": duplicates_file,
         "pool_minmax": minmax,
+        "population": settings.population,
+        "sources": sources,
+        "tables": tables,
+        "missing_scores": missing,
         "seconds": round(time.perf_counter() - started, 3),
     }
     storage.write_json_atomic(uri, result)
     return result
+
+
+def _selected(selection: dict[str, Any]) -> tuple[list[str], bool]:
+    """The score names a selection reads, and whether it applies the basic filter."""
+    names = sorted(selection["weights"]) if selection["score"] == "fused" else [selection["score"]]
+    return names, bool(selection["basic_filter"])
+
+
+def _selectable_facts(con: duckdb.DuckDBPyConnection, sources: dict[str, Any], names: list[str]
+                      ) -> tuple[dict[str, Any], dict[str, int]]:
+    """Min/max of every score column over ``selectable`` (the population), and per selected score the number of
+    unique scored samples without it (a uid missing from its table), plus the table uids that have no scored sample."""
+    columns = list(SCORE_COLUMNS.values()) + [c for t in sources["tables"].values() for c in t["columns"].values()
+                                              if c.startswith("score_")]
+    wanted = [score_column(n) for n in names]
+    stats = [f"min({c}), max({c})" for c in columns] + ["count(shard)"]
+    stats += [f"count({c}) FILTER (WHERE shard IS NOT NULL)" for c in wanted] + ["count(*) FILTER (WHERE shard IS NULL)"]
+    row = con.execute("SELECT " + ", ".join(stats) + " FROM selectable").fetchall()[0]
+    minmax = {c: {"min": row[2 * i], "max": row[2 * i + 1]} for i, c in enumerate(columns)}
+    scored = row[2 * len(columns)]
+    missing = {n: scored - row[2 * len(columns) + 1 + i] for i, n in enumerate(names)}
+    if sources["population"] == "metadata":
+        missing["unscored_uids"] = row[-1]
+    return minmax, missing
 
 
 def _minmax(values: tuple) -> dict[str, dict[str, float | None]]:
@@ -217,6 +262,7 @@ def _base_selection(settings: Settings, minmax: dict[str, Any]) -> dict[str, Any
         "score": settings.score,
         "weights": dict(sorted(settings.weights.items())) if settings.score == "fused" else None,
         "basic_filter": settings.basic_filter,
+        "population": settings.population,
         "minmax": minmax,
     }
 
@@ -239,6 +285,9 @@ def _bin_expression(selection: dict[str, Any]) -> tuple[str, list[Any]]:
     score in [0, 1]), cut into 2^20 equal bins."""
     expression, params = score_expression(selection)
     low, high = (0.0, 1.0) if selection["score"] == "fused" else (-1.0, 1.0)
+    span = selection["minmax"].get(score_column(selection["score"]), {})
+    if selection["score"] not in SCORE_COLUMNS and span.get("min") is not None:  # an external score: any range
+        low, high = span["min"], max(span["max"], span["min"] + 1e-9)
     return (f"least(greatest(CAST(floor((({expression}) - ?) * ?) AS BIGINT), 0), {HISTOGRAM_BINS - 1})",
             params + [low, HISTOGRAM_BINS / (high - low)])
 
@@ -259,7 +308,7 @@ def fraction_threshold(con: duckdb.DuckDBPyConnection, selection: dict[str, Any]
     expression, params = score_expression(selection)
     bin_of, bin_params = _bin_expression(selection)
     (threshold,) = con.execute(
-        f"SELECT {expression} AS s FROM unique_ok WHERE {candidate_filter(selection)} AND {bin_of} = ? "
+        f"SELECT {expression} AS s FROM selectable WHERE {candidate_filter(selection)} AND {bin_of} = ? "
         "ORDER BY s DESC LIMIT 1 OFFSET ?",
         params + bin_params + [HISTOGRAM_BINS - 1 - index, n - above],
     ).fetchall()[0]

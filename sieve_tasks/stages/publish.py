@@ -16,12 +16,19 @@ from sieve_tasks.buckets import RadixBuckets
 from sieve_tasks.pool import pool_shards
 from sieve_tasks.stages.aggregate import candidate_filter, connect, define_views, score_files, score_expression, thresholds_uri
 from sieve_tasks.stages.base import marker_uri
+from sieve_tasks.tables import define_selectable
 from sieve_tasks.test_models import is_test_model
 
 SUBSET_DTYPE = np.dtype("u8,u8")
 KEPT_COLUMNS = ("shard", "key", "url", "sieve_score", "sieve_mean", "clip_score", "best_caption")
 ROWS_PER_BATCH = 1 << 18
 DICTIONARY_COLUMNS = ["shard"]  # the other columns are (nearly) unique per row: a dictionary only costs time
+DUPLICATES_NOTE = (
+    "subset.npy lists each uid once, but DataComp's resharder copies every sample carrying a listed uid: a kept uid "
+    "that occurs k times in the pool is copied k times (and the resharder reports a negative number of images "
+    "'not found'). duplicates.parquet lists every occurrence (uid, shard, key, position, occurrence; occurrence 1 "
+    "is the one scored); drop the extra samples from the shards, or accept the copies."
+)
 TEST_PROFILE_WARNING = (
     "TEST PROFILE: the captioner and CLIP are tiny randomly initialised models built offline; the scores "
     "and the kept set exercise the pipeline but mean nothing about data quality."
@@ -40,24 +47,48 @@ def publish(run: str) -> dict[str, Any]:
     files, score_markers = score_files(run, shards)
     con = connect(run)
     define_views(con, files, thresholds["duplicates_file"])
+    sources = thresholds.get("sources") or {"population": "scored", "tables": {}}
+    define_selectable(con, sources)
+    duplicated = _write_duplicates(con, run, thresholds["duplicates_file"] is not None)
     expression, params = score_expression(selection)
     # Pool order (shard, position) without a sort: DuckDB streams the files in the given (shard) order when told
-    # to keep it; the anti-join that drops duplicates does not keep it, so then the rows are sorted.
+    # to keep it; the anti-join that drops duplicates and joined tables do not keep it, so then the rows are sorted
+    # (uids of a joined table without a scored sample last, by uid).
     con.execute("SET preserve_insertion_order = true")
-    order = " ORDER BY shard, position" if thresholds["duplicates_file"] else ""
+    order = " ORDER BY shard NULLS LAST, position, uid_hi, uid_lo" \
+        if thresholds["duplicates_file"] or sources["tables"] else ""
+    columns = ", ".join(KEPT_COLUMNS + tuple(c for t in sources["tables"].values() for c in t["columns"].values()
+                                             if c.startswith("score_")))
     query = f"""
-        SELECT uid_hi, uid_lo, {', '.join(KEPT_COLUMNS)}, {expression} AS selection_score
-        FROM unique_ok WHERE {candidate_filter(selection)} AND ({expression}) >= ?{order}
+        SELECT uid_hi, uid_lo, {columns}, {expression} AS selection_score
+        FROM selectable WHERE {candidate_filter(selection)} AND ({expression}) >= ?{order}
     """
-    kept = _write_manifest_files(con.sql(query, params=params + params + [selection["threshold"]]), run,
-                                 thresholds["counts"]["scored"])
+    pool_rows = thresholds["counts"]["scored"] + thresholds.get("missing_scores", {}).get("unscored_uids", 0)
+    kept = _write_manifest_files(con.sql(query, params=params + params + [selection["threshold"]]), run, pool_rows)
     markers = {"captions": [storage.read_json(marker_uri(run, "captions", s.shard_id)) for s in shards],
                "embeddings": [storage.read_json(marker_uri(run, "embeddings", s.shard_id)) for s in shards],
                "scores": score_markers}
     summary = _summary(run, thresholds, kept, markers)
+    summary["duplicates"] = {**duplicated, "file": manifest_uri(run, "duplicates.parquet"), "note": DUPLICATES_NOTE}
     storage.write_json_atomic(manifest_uri(run, "summary.json"), summary)
     storage.write_json_atomic(manifest_uri(run, "_SUCCESS"), {"kept": kept, "fingerprint": thresholds["fingerprint"]})
     return summary
+
+
+def _write_duplicates(con, run: str, any_duplicates: bool) -> dict[str, int]:
+    """``manifest/duplicates.parquet``: every occurrence of each uid scored more than once (empty when none)."""
+    if not any_duplicates:
+        con.execute("CREATE OR REPLACE TEMP VIEW later_duplicates AS SELECT uid FROM scores WHERE false")
+    with storage.LocalStaging(manifest_uri(run, "duplicates.parquet")) as staged:
+        con.execute("""
+            COPY (SELECT uid, shard, key, position,
+                         row_number() OVER (PARTITION BY uid ORDER BY shard, position) AS occurrence
+                  FROM scores WHERE status = 'ok' AND uid IN (SELECT uid FROM later_duplicates)
+                  ORDER BY uid, occurrence) TO ? (FORMAT parquet, COMPRESSION zstd)
+        """, [staged.path])
+        (uids, samples) = con.execute("SELECT count(DISTINCT uid), count(*) FROM read_parquet(?)",
+                                      [staged.path]).fetchall()[0]
+    return {"uids": uids, "samples": samples}
 
 
 def _write_manifest_files(relation, run: str, pool_rows: int) -> int:
@@ -148,6 +179,9 @@ def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str,
         "kept_fraction_of_unique": kept / unique if unique else 0.0,
         "failed_by_reason": thresholds["failed_by_reason"],
         "thresholds": thresholds["selection"],
+        "population": thresholds.get("population", "scored"),
+        "missing_scores": thresholds.get("missing_scores", {}),
+        "tables": thresholds.get("tables", {}),
         "models": {"captioner": captions["captioner"], "captions_file": captions["captions"],
                    "text_encoder": embeddings["text_encoder"], "clip": embeddings["clip"],
                    "clip_from_metadata": embeddings["clip_from_metadata"]},
@@ -157,6 +191,7 @@ def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str,
         "captioning": caption_facts,
         "timings_seconds": {"caption": caption_s, "embed": embed_s, "score": score_s,
                             "aggregate": thresholds["seconds"]},
-        "manifest": {name: manifest_uri(run, name) for name in ("subset.npy", "kept.parquet", "summary.json")},
+        "manifest": {name: manifest_uri(run, name)
+                     for name in ("subset.npy", "kept.parquet", "duplicates.parquet", "summary.json")},
         "shards": len(markers["scores"]),
     }
