@@ -23,7 +23,7 @@ from sieve_tasks.settings import METADATA_CLIP_COLUMNS, Settings, split_external
 from sieve_tasks.stages.score import basic_filter_features
 
 SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
-UID_HALVES = ("try_cast('0x' || substr(uid, 1, 16) AS UBIGINT) AS uid_hi, "
+UID_HALVES = ("try_cast('0x' || substr(uid, 1, 16) AS UBIGINT) AS uid_hi",
               "try_cast('0x' || substr(uid, 17, 16) AS UBIGINT) AS uid_lo")
 VALID_UID = "length(uid) = 32 AND uid_hi IS NOT NULL AND uid_lo IS NOT NULL"
 BASIC_FILTER_COLUMNS = ["uid", "text", "original_width", "original_height"]
@@ -72,7 +72,7 @@ def write_metadata_basic_filter(con: duckdb.DuckDBPyConnection, metadata: str, u
     → ``uri`` (uid_hi, uid_lo, passes_basic_filter), streamed. One language detection per row: the slow part."""
     files = parquet_files(metadata)
     relation = _read_table(con, files, BASIC_FILTER_COLUMNS, {})
-    reader = relation.select(duckdb.SQLExpression(UID_HALVES), "text", "original_width", "original_height"
+    reader = relation.select(*map(duckdb.SQLExpression, UID_HALVES), "text", "original_width", "original_height"
                              ).to_arrow_reader(SCAN_BATCH)
     schema = pa.schema([("uid_hi", pa.uint64()), ("uid_lo", pa.uint64()), ("passes_basic_filter", pa.bool_())])
     rows = 0
@@ -120,7 +120,7 @@ def _register(con: duckdb.DuckDBPyConnection, view: str, table: dict[str, Any]) 
     keyed = table.get("uid_halves", False)  # a table we wrote, keyed by the halves already
     relation = _read_table(con, table["files"], ["uid_hi", "uid_lo"] if keyed else ["uid"], table["columns"])
     keys = [duckdb.ColumnExpression("uid_hi"), duckdb.ColumnExpression("uid_lo")] if keyed \
-        else [duckdb.SQLExpression(UID_HALVES), duckdb.ColumnExpression("uid")]
+        else [*map(duckdb.SQLExpression, UID_HALVES), duckdb.ColumnExpression("uid")]
     columns = [duckdb.ColumnExpression(source).alias(target) for source, target in table["columns"].items()]
     relation.select(*keys, *columns).create_view(f"{view}_raw")
     valid = "uid_hi IS NOT NULL AND uid_lo IS NOT NULL" if keyed else VALID_UID
