@@ -15,6 +15,7 @@ from sieve_tasks.stages.caption import CaptionStage
 from sieve_tasks.stages.embed import EmbedStage
 from sieve_tasks.stages.publish import publish
 from sieve_tasks.stages.score import ScoreStage
+from sieve_tasks.tables import check_sources
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def run_shard_stage(name: str, input_spec: str, run: str, settings: Settings, sh
 
 def run_all(input_spec: str, run: str, settings: Settings, progress: bool = True) -> dict[str, Any]:
     """caption → embed → score over every shard, then aggregate and publish; resumes where it stopped."""
+    check_sources(settings)
     for name in SHARD_STAGES:
         run_shard_stage(name, input_spec, run, settings, progress=progress)
     aggregate(run, settings)

@@ -59,6 +59,14 @@ def plan_sources(run: str, settings: Settings, names: list[str], basic_filter: b
     return {"population": settings.population, "tables": tables}
 
 
+def check_sources(settings: Settings) -> None:
+    """Fail before any GPU time when ``--metadata`` or an ``--external-score`` table has no parquet file."""
+    for uri in [settings.metadata] if settings.metadata else []:
+        parquet_files(uri)
+    for name, spec in settings.external_scores.items():
+        parquet_files(split_external_spec(name, spec)[0])
+
+
 def parquet_files(uri: str) -> list[str]:
     """The parquet files of a table given as one file, a dir/prefix or a glob (sorted, explicit)."""
     files = [uri] if uri.endswith(".parquet") and not any(c in uri for c in "*?[") else storage.list_files(uri, ".parquet")
