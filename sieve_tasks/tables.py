@@ -2,8 +2,10 @@
 tables (``--external-score NAME=URI:COLUMN``).
 
 A uid is matched on its two 64-bit halves parsed from the hex text, so upper- and lower-case spellings are one uid
-(outputs write lower case). Tables are read from an explicit list of parquet files and streamed, never loaded into
-Python. A uid listed twice in one table is refused: which of its rows would count is ambiguous.
+(outputs write lower case). Aggregate imports each table once, streamed from an explicit list of parquet files:
+uids parsed into their halves (vectorised), the basic filter computed when asked, repeated uids checked one uid
+range at a time (a uid listed twice is refused: which row would count is ambiguous), into
+``RUN/tables/<name>.parquet``, which the joins (and publish) then read.
 
 ``selectable`` is the view the selection reads: the unique scored samples with the joined columns (population
 ``scored``), or the union of them and every uid of the joined tables (population ``metadata``: DataComp's N, where a
@@ -15,19 +17,25 @@ from __future__ import annotations
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sieve_tasks import storage
+from sieve_tasks.buckets import RadixBuckets
 from sieve_tasks.settings import METADATA_CLIP_COLUMNS, Settings, split_external_spec
 from sieve_tasks.stages.score import basic_filter_features
 
 SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
-UID_HALVES = ("try_cast('0x' || substr(uid, 1, 16) AS UBIGINT) AS uid_hi",
-              "try_cast('0x' || substr(uid, 17, 16) AS UBIGINT) AS uid_lo")
-VALID_UID = "length(uid) = 32 AND uid_hi IS NOT NULL AND uid_lo IS NOT NULL"
-BASIC_FILTER_COLUMNS = ["uid", "text", "original_width", "original_height"]
-SCAN_BATCH = 1 << 18
+BASIC_FILTER_COLUMNS = ["text", "original_width", "original_height"]
+SCAN_BATCH = 1 << 20
+_HEX_PAIRS = np.full(1 << 16, 0xFFFF, np.uint16)  # two ASCII hex digits (little-endian u16) -> their byte
+for _high in range(16):
+    for _low in range(16):
+        for _a in {f"{_high:x}", f"{_high:X}"}:
+            for _b in {f"{_low:x}", f"{_low:X}"}:
+                _HEX_PAIRS[ord(_a) | ord(_b) << 8] = _high << 4 | _low
 
 
 def score_column(name: str) -> str:
@@ -35,27 +43,24 @@ def score_column(name: str) -> str:
     return SCORE_COLUMNS.get(name, f"score_{name}")
 
 
-def basic_filter_uri(run: str) -> str:
-    return storage.join(run, "metadata_basic_filter.parquet")
-
-
 def plan_sources(run: str, settings: Settings, names: list[str], basic_filter: bool) -> dict[str, Any]:
     """What to join for the scores ``names`` (and the basic filter), as JSON: publish rebuilds the same views from it."""
     tables: dict[str, dict[str, Any]] = {}
-    if settings.metadata_clip and "clip" in names:
+    metadata_columns = ({METADATA_CLIP_COLUMNS[settings.clip_from_metadata]: "clip_score"}
+                        if settings.metadata_clip and "clip" in names else {})
+    if metadata_columns or (settings.metadata is not None and basic_filter):
         tables["metadata"] = {"uri": settings.metadata, "files": parquet_files(settings.metadata),
-                              "columns": {METADATA_CLIP_COLUMNS[settings.clip_from_metadata]: "clip_score"}}
-    if settings.metadata is not None and basic_filter:
-        tables["metadata_basic_filter"] = {"uri": basic_filter_uri(run), "files": [basic_filter_uri(run)],
-                                           "columns": {"passes_basic_filter": "passes_basic_filter"},
-                                           "uid_halves": True, "from": settings.metadata}
+                              "columns": metadata_columns, "basic_filter": settings.metadata is not None and basic_filter}
     for name in names:
         if name in settings.external_scores:
             uri, column = split_external_spec(name, settings.external_scores[name])
-            tables[f"external_{name}"] = {"uri": uri, "files": parquet_files(uri), "columns": {column: score_column(name)}}
+            tables[f"external_{name}"] = {"uri": uri, "files": parquet_files(uri), "columns": {column: score_column(name)},
+                                          "basic_filter": False}
     unknown = [n for n in names if n not in SCORE_COLUMNS and f"external_{n}" not in tables]
     if unknown:
         raise ValueError(f"the selection uses the scores {unknown}: give them with --external-score NAME=URI:COLUMN")
+    for view, table in tables.items():
+        table["imported"] = storage.join(run, "tables", f"{view}.parquet")
     return {"population": settings.population, "tables": tables}
 
 
@@ -75,23 +80,64 @@ def parquet_files(uri: str) -> list[str]:
     return files
 
 
-def write_metadata_basic_filter(con: duckdb.DuckDBPyConnection, metadata: str, uri: str) -> int:
-    """DataComp's basic filter on the metadata's ``text``, ``original_width``, ``original_height`` for every uid
-    → ``uri`` (uid_hi, uid_lo, passes_basic_filter), streamed. One language detection per row: the slow part."""
-    files = parquet_files(metadata)
-    relation = _read_table(con, files, BASIC_FILTER_COLUMNS, {})
-    reader = relation.select(*map(duckdb.SQLExpression, UID_HALVES), "text", "original_width", "original_height"
-                             ).to_arrow_reader(SCAN_BATCH)
-    schema = pa.schema([("uid_hi", pa.uint64()), ("uid_lo", pa.uint64()), ("passes_basic_filter", pa.bool_())])
-    rows = 0
-    with storage.LocalStaging(uri) as staged, pq.ParquetWriter(staged.path, schema, compression="zstd") as writer:
-        for batch in reader:
-            verdicts = [_passes(t, w, h) for t, w, h in zip(batch.column(2).to_pylist(), batch.column(3).to_pylist(),
-                                                            batch.column(4).to_pylist())]
-            writer.write_table(pa.table([batch.column(0), batch.column(1), pa.array(verdicts, pa.bool_())],
-                                        schema=schema))
-            rows += batch.num_rows
-    return rows
+def uid_halves(uids: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first halves, second halves, valid) of hex uids in either case, vectorised (a 64K-entry table maps each
+    pair of digits to its byte); invalid ones (null, not 32 hex digits) are marked and get 0."""
+    uids = uids.cast(pa.string())
+    valid = pc.fill_null(pc.equal(pc.binary_length(uids), 32), False).to_numpy(zero_copy_only=False)
+    good = uids if valid.all() else uids.filter(pa.array(valid))
+    offsets = np.frombuffer(good.buffers()[1], np.int32)[good.offset : good.offset + len(good) + 1]
+    raw = np.frombuffer(good.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].view("<u2")
+    pairs = np.take(_HEX_PAIRS, raw).reshape(-1, 16)
+    hi, lo = np.zeros(len(uids), np.uint64), np.zeros(len(uids), np.uint64)
+    rows = np.flatnonzero(valid)
+    packed = pairs.astype(np.uint8).view(">u8")
+    hi[rows], lo[rows] = packed[:, 0], packed[:, 1]
+    if len(pairs) and pairs.max() > 0xFF:  # some non-hex digit: find the rows (rare, so only then row by row)
+        valid[rows[(pairs > 0xFF).any(axis=1)]] = False
+    return hi, lo, valid
+
+
+def import_table(con: duckdb.DuckDBPyConnection, table: dict[str, Any]) -> dict[str, int]:
+    """Stream one table into ``table["imported"]``: uid halves, its renamed columns, and DataComp's basic filter on
+    ``text``/``original_width``/``original_height`` when asked (one language detection per row: the slow part)."""
+    relation = _read_table(con, table["files"], ["uid", *table["columns"],
+                                                 *(BASIC_FILTER_COLUMNS if table["basic_filter"] else [])])
+    ((rows,),) = relation.aggregate("count(*)").fetchall()
+    sources = ["uid", *table["columns"], *(BASIC_FILTER_COLUMNS if table["basic_filter"] else [])]
+    reader = relation.select(*map(duckdb.ColumnExpression, sources)).to_arrow_reader(SCAN_BATCH)
+    fields = [pa.field("uid_hi", pa.uint64()), pa.field("uid_lo", pa.uint64())]
+    fields += [pa.field(target, reader.schema.field(source).type) for source, target in table["columns"].items()]
+    if table["basic_filter"]:
+        fields.append(pa.field("passes_basic_filter", pa.bool_()))
+    invalid = 0
+    with storage.LocalStaging(table["imported"]) as staged, RadixBuckets(np.uint64, rows) as halves:
+        with pq.ParquetWriter(staged.path, pa.schema(fields), compression="zstd") as writer:
+            for batch in reader:
+                hi, lo, valid = uid_halves(batch.column(0))
+                invalid += int((~valid).sum())
+                keep = pa.array(valid)
+                columns = [pa.array(hi[valid]), pa.array(lo[valid])]
+                columns += [batch.column(i + 1).filter(keep) for i in range(len(table["columns"]))]
+                if table["basic_filter"]:
+                    texts, widths, heights = (batch.column(c).filter(keep).to_pylist() for c in BASIC_FILTER_COLUMNS)
+                    columns.append(pa.array([_passes(*row) for row in zip(texts, widths, heights)], pa.bool_()))
+                writer.write_table(pa.Table.from_arrays(columns, schema=writer.schema))
+                halves.add(hi[valid])
+        repeated = np.concatenate([np.unique(v[1:][v[1:] == v[:-1]]) for v in halves.sorted_buckets(np.sort)])
+        _refuse_repeats(con, staged.path, table["uri"], repeated)
+    return {"rows": rows, "invalid_uids": invalid}
+
+
+def _refuse_repeats(con: duckdb.DuckDBPyConnection, path: str, uri: str, repeated_hi: np.ndarray) -> None:
+    if repeated_hi.size == 0:
+        return
+    con.register("repeated_hi", {"uid_hi": repeated_hi})
+    found = con.execute("SELECT uid_hi, uid_lo, count(*) FROM read_parquet(?) WHERE uid_hi IN (SELECT uid_hi FROM "
+                        "repeated_hi) GROUP BY uid_hi, uid_lo HAVING count(*) > 1 LIMIT 1", [path]).fetchall()
+    if found:
+        hi, lo, count = found[0]
+        raise ValueError(f"{uri}: uid {hi:016x}{lo:016x} is listed {count} times (a per-uid table needs each uid once)")
 
 
 def _passes(text: str | None, width: int | None, height: int | None) -> bool:
@@ -100,18 +146,18 @@ def _passes(text: str | None, width: int | None, height: int | None) -> bool:
     return basic_filter_features(text, int(width), int(height))["passes_basic_filter"]
 
 
-def define_selectable(con: duckdb.DuckDBPyConnection, sources: dict[str, Any]) -> dict[str, dict[str, int]]:
-    """The ``selectable`` view over ``unique_ok`` and the joined tables; returns each table's row facts."""
-    facts = {}
-    for view, table in sources["tables"].items():
-        facts[view] = _register(con, view, table)
+def define_selectable(con: duckdb.DuckDBPyConnection, sources: dict[str, Any]) -> None:
+    """The ``selectable`` view: ``unique_ok`` joined with the imported tables (population scored: left joins;
+    metadata: full joins, so every uid of a table is a row)."""
     if not sources["tables"]:
         con.execute("CREATE OR REPLACE TEMP VIEW selectable AS SELECT * FROM unique_ok")
-        return facts
+        return
     own = set(con.sql("SELECT * FROM unique_ok LIMIT 0").columns)
     replaced, added = [], []
     for view, table in sources["tables"].items():
-        for column in table["columns"].values():
+        con.read_parquet(table["imported"]).create_view(view)
+        columns = list(table["columns"].values()) + (["passes_basic_filter"] if table["basic_filter"] else [])
+        for column in columns:
             (replaced if column in own else added).append(f"{view}.{column}" + (f" AS {column}" if column in own else ""))
     star = "unique_ok.* EXCLUDE (uid_hi, uid_lo)"
     if replaced:
@@ -120,34 +166,11 @@ def define_selectable(con: duckdb.DuckDBPyConnection, sources: dict[str, Any]) -
     joins = " ".join(f"{join} {view} USING (uid_hi, uid_lo)" for view in sources["tables"])
     con.execute(f"CREATE OR REPLACE TEMP VIEW selectable AS SELECT uid_hi, uid_lo, "
                 f"{', '.join([star] + added)} FROM unique_ok {joins}")
-    return facts
 
 
-def _register(con: duckdb.DuckDBPyConnection, view: str, table: dict[str, Any]) -> dict[str, int]:
-    """A view (uid_hi, uid_lo, renamed columns) of one table; counts its rows and invalid uids, refuses repeats."""
-    keyed = table.get("uid_halves", False)  # a table we wrote, keyed by the halves already
-    relation = _read_table(con, table["files"], ["uid_hi", "uid_lo"] if keyed else ["uid"], table["columns"])
-    keys = [duckdb.ColumnExpression("uid_hi"), duckdb.ColumnExpression("uid_lo")] if keyed \
-        else [*map(duckdb.SQLExpression, UID_HALVES), duckdb.ColumnExpression("uid")]
-    columns = [duckdb.ColumnExpression(source).alias(target) for source, target in table["columns"].items()]
-    relation.select(*keys, *columns).create_view(f"{view}_raw")
-    valid = "uid_hi IS NOT NULL AND uid_lo IS NOT NULL" if keyed else VALID_UID
-    (rows, invalid) = con.execute(f"SELECT count(*), count(*) FILTER (WHERE NOT ({valid})) FROM {view}_raw").fetchall()[0]
-    con.execute(f"CREATE OR REPLACE TEMP VIEW {view} AS SELECT uid_hi, uid_lo, "
-                f"{', '.join(table['columns'].values())} FROM {view}_raw WHERE {valid}")
-    repeated = con.execute(f"SELECT uid_hi, uid_lo, count(*) FROM {view} GROUP BY uid_hi, uid_lo "
-                           "HAVING count(*) > 1 LIMIT 1").fetchall()
-    if repeated:
-        hi, lo, count = repeated[0]
-        raise ValueError(f"{table['uri']}: uid {hi:016x}{lo:016x} is listed {count} times (a per-uid table needs "
-                         "each uid once)")
-    return {"rows": rows, "invalid_uids": invalid}
-
-
-def _read_table(con: duckdb.DuckDBPyConnection, files: list[str], keys: list[str], columns: dict[str, str]
-                ) -> duckdb.DuckDBPyRelation:
+def _read_table(con: duckdb.DuckDBPyConnection, files: list[str], columns: list[str]) -> duckdb.DuckDBPyRelation:
     relation = con.read_parquet(files)
-    missing = [c for c in [*keys, *columns] if c not in relation.columns]
+    missing = [c for c in columns if c not in relation.columns]
     if missing:
         raise ValueError(f"{files[0]} (and the other files of its table) has no column {missing}; it has "
                          f"{relation.columns}")

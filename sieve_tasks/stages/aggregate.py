@@ -25,8 +25,7 @@ from sieve_tasks.pool import pool_shards
 from sieve_tasks.settings import Settings, fingerprint
 from sieve_tasks.shards import Shard
 from sieve_tasks.stages.base import marker_uri
-from sieve_tasks.tables import (SCORE_COLUMNS, define_selectable, plan_sources, score_column,
-                                write_metadata_basic_filter)
+from sieve_tasks.tables import SCORE_COLUMNS, define_selectable, import_table, plan_sources, score_column
 HISTOGRAM_BINS = 1 << 20
 SCAN_BATCH = 1 << 20
 
@@ -197,21 +196,25 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     tables, missing = {}, {}
     if joined:
         define_views(con, files, duplicates_file)
-        if "metadata_basic_filter" in sources["tables"]:
-            write_metadata_basic_filter(con, settings.metadata, sources["tables"]["metadata_basic_filter"]["uri"])
-        tables = define_selectable(con, sources)
-        minmax, missing = _selectable_facts(con, sources, names)
-        selection = _base_selection(settings, minmax)
-        histogram = histogram_of(con, selection) if settings.fraction is not None else None
-    elif duplicates_file is not None:  # min/max and histogram of the unique rows instead
-        define_views(con, files, duplicates_file)
-        minmax = _minmax(con.execute("SELECT min(sieve_score), max(sieve_score), min(clip_score), max(clip_score) "
-                                     "FROM unique_ok").fetchall()[0])
-        selection = _base_selection(settings, minmax)
-        histogram = histogram_of(con, selection) if histogram is not None else None
+        tables = {view: import_table(con, table) for view, table in sources["tables"].items()}
+        define_selectable(con, sources)
+        with tempfile.TemporaryDirectory(prefix="sieve-selectable-") as scratch:
+            _materialize_selectable(con, sources, os.path.join(scratch, "selectable.parquet"))
+            minmax, missing = _selectable_facts(con, sources, names)
+            selection = _base_selection(settings, minmax)
+            histogram = histogram_of(con, selection) if settings.fraction is not None else None
+            result_selection = _selection(con, settings, selection, histogram)
+    else:
+        if duplicates_file is not None:  # min/max and histogram of the unique rows instead
+            define_views(con, files, duplicates_file)
+            minmax = _minmax(con.execute("SELECT min(sieve_score), max(sieve_score), min(clip_score), max(clip_score) "
+                                         "FROM unique_ok").fetchall()[0])
+            selection = _base_selection(settings, minmax)
+            histogram = histogram_of(con, selection) if histogram is not None else None
+        result_selection = _selection(con, settings, selection, histogram)
     result = {
         "fingerprint": expected,
-        "selection": _selection(con, settings, selection, histogram),
+        "selection": result_selection,
         "counts": {"read": scored + failed, "scored": scored, "failed": failed, "duplicates": duplicates},
         "failed_by_reason": {row[1]: row[2] for row in by_status if row[0] != "ok"},
         "duplicates_file": duplicates_file,
@@ -230,6 +233,15 @@ def _selected(selection: dict[str, Any]) -> tuple[list[str], bool]:
     """The score names a selection reads, and whether it applies the basic filter."""
     names = sorted(selection["weights"]) if selection["score"] == "fused" else [selection["score"]]
     return names, bool(selection["basic_filter"])
+
+
+def _materialize_selectable(con: duckdb.DuckDBPyConnection, sources: dict[str, Any], path: str) -> None:
+    """Run the joins once: ``selectable`` becomes a local file of the columns the selection reads."""
+    columns = ["shard", *SCORE_COLUMNS.values(), "passes_basic_filter"]
+    columns += [c for t in sources["tables"].values() for c in t["columns"].values() if c not in columns]
+    con.execute("COPY (SELECT " + ", ".join(columns) + " FROM selectable) TO ? (FORMAT parquet)", [path])
+    con.read_parquet(path).create_view("selectable_file")
+    con.execute("CREATE OR REPLACE TEMP VIEW selectable AS SELECT * FROM selectable_file")
 
 
 def _selectable_facts(con: duckdb.DuckDBPyConnection, sources: dict[str, Any], names: list[str]

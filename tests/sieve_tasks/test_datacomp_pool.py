@@ -223,8 +223,8 @@ def test_outputs_are_readable_by_others_under_umask_022(datacomp_pool, tmp_path)
     finally:
         os.umask(previous)
     written = [tmp_path / "demo" / n for n in os.listdir(tmp_path / "demo")]
-    written += [datacomp_pool["run"] / n for n in ("thresholds.json", "metadata_basic_filter.parquet")]
+    written += [datacomp_pool["run"] / n for n in ("thresholds.json", "tables/metadata.parquet")]
     written += [datacomp_pool["run"] / "manifest" / n for n in os.listdir(datacomp_pool["run"] / "manifest")]
-    assert {p.name for p in written} >= {"00000000.tar", "00000000_stats.json", "summary.json", "_SUCCESS",
+    assert {p.name for p in written} >= {"00000000.tar", "00000000_stats.json", "summary.json", "_SUCCESS", "metadata.parquet",
                                          "subset.npy", "kept.parquet", "duplicates.parquet"}
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: "0o644" for p in written}
