@@ -61,7 +61,8 @@ def plan_sources(run: str, settings: Settings, names: list[str], basic_filter: b
         raise ValueError(f"the selection uses the scores {unknown}: give them with --external-score NAME=URI:COLUMN")
     for view, table in tables.items():
         table["imported"] = storage.join(run, "tables", f"{view}.parquet")
-    return {"population": settings.population, "tables": tables}
+    return {"population": settings.population, "tables": tables,
+            "selectable": storage.join(run, "tables", "selectable.parquet") if tables else None}
 
 
 def check_sources(settings: Settings) -> None:
@@ -169,6 +170,11 @@ def define_selectable(con: duckdb.DuckDBPyConnection, sources: dict[str, Any]) -
 
 
 def _read_table(con: duckdb.DuckDBPyConnection, files: list[str], columns: list[str]) -> duckdb.DuckDBPyRelation:
+    if not storage.is_local(files[0]):  # DuckDB reads object stores through our fsspec filesystem
+        fs, _ = storage.filesystem(files[0])
+        if not any(fs.protocol == p or (isinstance(fs.protocol, tuple) and p in fs.protocol)
+                   for p in con.list_filesystems()):
+            con.register_filesystem(fs)
     relation = con.read_parquet(files)
     missing = [c for c in columns if c not in relation.columns]
     if missing:

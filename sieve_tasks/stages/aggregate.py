@@ -198,12 +198,11 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
         define_views(con, files, duplicates_file)
         tables = {view: import_table(con, table) for view, table in sources["tables"].items()}
         define_selectable(con, sources)
-        with tempfile.TemporaryDirectory(prefix="sieve-selectable-") as scratch:
-            _materialize_selectable(con, sources, os.path.join(scratch, "selectable.parquet"))
-            minmax, missing = _selectable_facts(con, sources, names)
-            selection = _base_selection(settings, minmax)
-            histogram = histogram_of(con, selection) if settings.fraction is not None else None
-            result_selection = _selection(con, settings, selection, histogram)
+        _materialize_selectable(con, sources)
+        minmax, missing = _selectable_facts(con, sources, names)
+        selection = _base_selection(settings, minmax)
+        histogram = histogram_of(con, selection) if settings.fraction is not None else None
+        result_selection = _selection(con, settings, selection, histogram)
     else:
         if duplicates_file is not None:  # min/max and histogram of the unique rows instead
             define_views(con, files, duplicates_file)
@@ -235,12 +234,14 @@ def _selected(selection: dict[str, Any]) -> tuple[list[str], bool]:
     return names, bool(selection["basic_filter"])
 
 
-def _materialize_selectable(con: duckdb.DuckDBPyConnection, sources: dict[str, Any], path: str) -> None:
-    """Run the joins once: ``selectable`` becomes a local file of the columns the selection reads."""
-    columns = ["shard", *SCORE_COLUMNS.values(), "passes_basic_filter"]
+def _materialize_selectable(con: duckdb.DuckDBPyConnection, sources: dict[str, Any]) -> None:
+    """Run the joins once: ``selectable`` becomes ``sources["selectable"]``, the uids and the columns the selection
+    reads, which publish filters without joining again."""
+    columns = ["uid_hi", "uid_lo", "shard", "position", *SCORE_COLUMNS.values(), "passes_basic_filter"]
     columns += [c for t in sources["tables"].values() for c in t["columns"].values() if c not in columns]
-    con.execute("COPY (SELECT " + ", ".join(columns) + " FROM selectable) TO ? (FORMAT parquet)", [path])
-    con.read_parquet(path).create_view("selectable_file")
+    with storage.LocalStaging(sources["selectable"]) as staged:
+        con.execute("COPY (SELECT " + ", ".join(columns) + " FROM selectable) TO ? (FORMAT parquet)", [staged.path])
+    con.read_parquet(sources["selectable"]).create_view("selectable_file")
     con.execute("CREATE OR REPLACE TEMP VIEW selectable AS SELECT * FROM selectable_file")
 
 

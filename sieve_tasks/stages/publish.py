@@ -16,7 +16,6 @@ from sieve_tasks.buckets import RadixBuckets
 from sieve_tasks.pool import pool_shards
 from sieve_tasks.stages.aggregate import candidate_filter, connect, define_views, score_files, score_expression, thresholds_uri
 from sieve_tasks.stages.base import marker_uri
-from sieve_tasks.tables import define_selectable
 from sieve_tasks.test_models import is_test_model
 
 SUBSET_DTYPE = np.dtype("u8,u8")
@@ -48,23 +47,31 @@ def publish(run: str) -> dict[str, Any]:
     con = connect(run)
     define_views(con, files, thresholds["duplicates_file"])
     sources = thresholds.get("sources") or {"population": "scored", "tables": {}}
-    define_selectable(con, sources)
     duplicated = _write_duplicates(con, run, thresholds["duplicates_file"] is not None)
     expression, params = score_expression(selection)
-    # Pool order (shard, position) without a sort: DuckDB streams the files in the given (shard) order when told
-    # to keep it; the anti-join that drops duplicates and joined tables do not keep it, so then the rows are sorted
-    # (uids of a joined table without a scored sample last, by uid).
-    con.execute("SET preserve_insertion_order = true")
-    order = " ORDER BY shard NULLS LAST, position, uid_hi, uid_lo" \
-        if thresholds["duplicates_file"] or sources["tables"] else ""
-    columns = ", ".join(KEPT_COLUMNS + tuple(c for t in sources["tables"].values() for c in t["columns"].values()
-                                             if c.startswith("score_")))
-    query = f"""
-        SELECT uid_hi, uid_lo, {columns}, {expression} AS selection_score
-        FROM selectable WHERE {candidate_filter(selection)} AND ({expression}) >= ?{order}
-    """
+    external = tuple(c for t in sources["tables"].values() for c in t["columns"].values() if c.startswith("score_"))
     pool_rows = thresholds["counts"]["scored"] + thresholds.get("missing_scores", {}).get("unscored_uids", 0)
-    kept = _write_manifest_files(con.sql(query, params=params + params + [selection["threshold"]]), run, pool_rows)
+    if sources["tables"]:  # aggregate's joined rows, in pool order, then uids without a scored sample by uid
+        con.read_parquet(sources["selectable"]).create_view("selectable_file")
+        columns = ", ".join(("shard", "position", "sieve_score", "clip_score") + external)
+        query = f"""
+            SELECT uid_hi, uid_lo, {columns}, {expression} AS selection_score
+            FROM selectable_file WHERE {candidate_filter(selection)} AND ({expression}) >= ?
+            ORDER BY shard NULLS LAST, position, uid_hi, uid_lo
+        """
+        reader = con.sql(query, params=params + params + [selection["threshold"]]).to_arrow_reader(ROWS_PER_BATCH)
+        kept_rows = PoolColumns(run, external).reader(reader)
+    else:
+        # Pool order (shard, position) without a sort: DuckDB streams the files in the given (shard) order when
+        # told to keep it; the anti-join that drops duplicates does not keep it, so then the rows are sorted.
+        order = " ORDER BY shard, position" if thresholds["duplicates_file"] else ""
+        con.execute("SET preserve_insertion_order = true")
+        query = f"""
+            SELECT uid_hi, uid_lo, {', '.join(KEPT_COLUMNS)}, {expression} AS selection_score
+            FROM unique_ok WHERE {candidate_filter(selection)} AND ({expression}) >= ?{order}
+        """
+        kept_rows = con.sql(query, params=params + params + [selection["threshold"]]).to_arrow_reader(ROWS_PER_BATCH)
+    kept = _write_manifest_files(kept_rows, run, pool_rows)
     markers = {"captions": [storage.read_json(marker_uri(run, "captions", s.shard_id)) for s in shards],
                "embeddings": [storage.read_json(marker_uri(run, "embeddings", s.shard_id)) for s in shards],
                "scores": score_markers}
@@ -91,9 +98,55 @@ def _write_duplicates(con, run: str, any_duplicates: bool) -> dict[str, int]:
     return {"uids": uids, "samples": samples}
 
 
-def _write_manifest_files(relation, run: str, pool_rows: int) -> int:
+class PoolColumns:
+    """Completes joined rows sorted by (shard, position) with the score files' key, url, sieve_mean and best_caption,
+    reading one shard's file at a time: the pool side of the join without a second join."""
+
+    FROM_SCORES = ("key", "url", "sieve_mean", "best_caption")
+
+    def __init__(self, run: str, external: tuple[str, ...]):
+        self.run, self.external = run, external
+        self._shard: str | None = None
+        self._table: pa.Table | None = None
+
+    def reader(self, joined: pa.RecordBatchReader) -> pa.RecordBatchReader:
+        names = ["uid_hi", "uid_lo", *KEPT_COLUMNS, *self.external, "selection_score"]
+        types = {**{f.name: f.type for f in joined.schema}, "key": pa.string(), "url": pa.string(),
+                 "sieve_mean": pa.float64(), "best_caption": pa.string()}
+        schema = pa.schema([(name, types[name]) for name in names])
+        return pa.RecordBatchReader.from_batches(schema, (self.complete(b, schema) for b in joined))
+
+    def complete(self, batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+        shards = batch.column("shard").to_pylist()
+        positions = batch.column("position").to_numpy(zero_copy_only=False)
+        pieces, start = [], 0
+        while start < len(shards):  # one run of equal shard ids at a time (rows come sorted)
+            stop = start + 1
+            while stop < len(shards) and shards[stop] == shards[start]:
+                stop += 1
+            pieces.append(self.rows_of(shards[start], positions[start:stop]))
+            start = stop
+        pool = pa.concat_tables(pieces) if pieces else pa.table({c: pa.array([], schema.field(c).type)
+                                                                  for c in self.FROM_SCORES})
+        columns = {**{name: batch.column(name) for name in batch.schema.names},
+                   **{name: pool.column(name).combine_chunks() for name in self.FROM_SCORES}}
+        return pa.RecordBatch.from_arrays([columns[f.name].cast(f.type) for f in schema], schema=schema)
+
+    def rows_of(self, shard: str | None, positions: np.ndarray) -> pa.Table:
+        if shard is None:  # uids of a joined table without a scored sample
+            return pa.table({"key": pa.nulls(len(positions), pa.string()), "url": pa.nulls(len(positions), pa.string()),
+                             "sieve_mean": pa.nulls(len(positions), pa.float64()),
+                             "best_caption": pa.nulls(len(positions), pa.string())})
+        if shard != self._shard:
+            self._shard = shard
+            self._table = storage.read_parquet(storage.join(self.run, "scores", f"{shard}.parquet"),
+                                               columns=["position", *self.FROM_SCORES])
+        rows = np.searchsorted(self._table.column("position").to_numpy(), positions)
+        return self._table.select(list(self.FROM_SCORES)).take(pa.array(rows))
+
+
+def _write_manifest_files(reader: pa.RecordBatchReader, run: str, pool_rows: int) -> int:
     """Stream the kept rows once into kept.parquet (pool order) and subset.npy (uid order); returns their number."""
-    reader = relation.to_arrow_reader(ROWS_PER_BATCH)
     kept_schema = pa.schema([pa.field("uid", pa.string())] +
                             [f for f in reader.schema if f.name not in ("uid_hi", "uid_lo")])
     kept = 0

@@ -228,3 +228,31 @@ def test_outputs_are_readable_by_others_under_umask_022(datacomp_pool, tmp_path)
     assert {p.name for p in written} >= {"00000000.tar", "00000000_stats.json", "summary.json", "_SUCCESS", "metadata.parquet",
                                          "subset.npy", "kept.parquet", "duplicates.parquet"}
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in written} == {p.name: "0o644" for p in written}
+
+
+@pytest.mark.slow
+def test_metadata_and_score_tables_on_s3(datacomp_pool, s3_server, tmp_path):
+    import fsspec
+
+    from sieve_tasks import storage
+
+    fsspec.filesystem("s3").invalidate_cache()
+    run, table = datacomp_pool["run"], datacomp_pool["table"]
+    fs, _ = storage.filesystem("s3://sieve-test/datacomp/metadata")
+    for name in os.listdir(datacomp_pool["metadata"]):
+        fs.put_file(str(datacomp_pool["metadata"] / name), f"sieve-test/datacomp/metadata/{name}")
+    pq.write_table(table.select(["uid", "clip_b32_similarity_score"]), tmp_path / "b32.parquet")
+    fs.put_file(str(tmp_path / "b32.parquet"), "sieve-test/datacomp/scores/b32.parquet")
+    reselect(run, "--metadata", "s3://sieve-test/datacomp/metadata/", "--clip-from-metadata", "l14", "--score", "clip",
+             "--fraction", "0.5", "--population", "metadata",
+             "--external-score", "b32=s3://sieve-test/datacomp/scores/:clip_b32_similarity_score")
+    expected = datacomp_subset_bytes(table.column("uid").to_pylist(),
+                                     table.column("clip_l14_similarity_score").to_numpy(), 0.5)
+    assert (run / "manifest" / "subset.npy").read_bytes() == expected
+    summary = reselect(run, "--metadata", "s3://sieve-test/datacomp/metadata/", "--score", "b32", "--fraction", "0.5",
+                       "--population", "metadata",
+                       "--external-score", "b32=s3://sieve-test/datacomp/scores/:clip_b32_similarity_score")
+    assert summary["tables"]["external_b32"] == {"rows": 20, "invalid_uids": 0}
+    expected = datacomp_subset_bytes(table.column("uid").to_pylist(),
+                                     table.column("clip_b32_similarity_score").to_numpy(), 0.5)
+    assert (run / "manifest" / "subset.npy").read_bytes() == expected
