@@ -20,6 +20,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from sieve_tasks import storage
@@ -102,19 +103,17 @@ def uid_halves(uids: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def import_table(con: duckdb.DuckDBPyConnection, table: dict[str, Any]) -> dict[str, int]:
     """Stream one table into ``table["imported"]``: uid halves, its renamed columns, and DataComp's basic filter on
     ``text``/``original_width``/``original_height`` when asked (one language detection per row: the slow part)."""
-    relation = _read_table(con, table["files"], ["uid", *table["columns"],
-                                                 *(BASIC_FILTER_COLUMNS if table["basic_filter"] else [])])
-    ((rows,),) = relation.aggregate("count(*)").fetchall()
     sources = ["uid", *table["columns"], *(BASIC_FILTER_COLUMNS if table["basic_filter"] else [])]
-    reader = relation.select(*map(duckdb.ColumnExpression, sources)).to_arrow_reader(SCAN_BATCH)
+    dataset = _dataset(table["files"], sources)
+    rows = dataset.count_rows()
     fields = [pa.field("uid_hi", pa.uint64()), pa.field("uid_lo", pa.uint64())]
-    fields += [pa.field(target, reader.schema.field(source).type) for source, target in table["columns"].items()]
+    fields += [pa.field(target, dataset.schema.field(source).type) for source, target in table["columns"].items()]
     if table["basic_filter"]:
         fields.append(pa.field("passes_basic_filter", pa.bool_()))
     invalid = 0
     with storage.LocalStaging(table["imported"]) as staged, RadixBuckets(np.uint64, rows) as halves:
         with pq.ParquetWriter(staged.path, pa.schema(fields), compression="zstd") as writer:
-            for batch in reader:
+            for batch in dataset.to_batches(columns=sources, batch_size=SCAN_BATCH):
                 hi, lo, valid = uid_halves(batch.column(0))
                 invalid += int((~valid).sum())
                 keep = pa.array(valid)
@@ -169,15 +168,12 @@ def define_selectable(con: duckdb.DuckDBPyConnection, sources: dict[str, Any]) -
                 f"{', '.join([star] + added)} FROM unique_ok {joins}")
 
 
-def _read_table(con: duckdb.DuckDBPyConnection, files: list[str], columns: list[str]) -> duckdb.DuckDBPyRelation:
-    if not storage.is_local(files[0]):  # DuckDB reads object stores through our fsspec filesystem
-        fs, _ = storage.filesystem(files[0])
-        if not any(fs.protocol == p or (isinstance(fs.protocol, tuple) and p in fs.protocol)
-                   for p in con.list_filesystems()):
-            con.register_filesystem(fs)
-    relation = con.read_parquet(files)
-    missing = [c for c in columns if c not in relation.columns]
+def _dataset(files: list[str], columns: list[str]) -> ds.Dataset:
+    """The table's files as one pyarrow dataset (read through our fsspec filesystem), its columns checked."""
+    fs, _ = storage.filesystem(files[0])
+    dataset = ds.dataset([storage.filesystem(f)[1] for f in files], filesystem=fs, format="parquet")
+    missing = [c for c in columns if c not in dataset.schema.names]
     if missing:
         raise ValueError(f"{files[0]} (and the other files of its table) has no column {missing}; it has "
-                         f"{relation.columns}")
-    return relation
+                         f"{dataset.schema.names}")
+    return dataset

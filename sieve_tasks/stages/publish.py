@@ -117,15 +117,10 @@ class PoolColumns:
         return pa.RecordBatchReader.from_batches(schema, (self.complete(b, schema) for b in joined))
 
     def complete(self, batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-        shards = batch.column("shard").to_pylist()
+        shards = np.asarray(batch.column("shard").to_pylist(), dtype=object)
         positions = batch.column("position").to_numpy(zero_copy_only=False)
-        pieces, start = [], 0
-        while start < len(shards):  # one run of equal shard ids at a time (rows come sorted)
-            stop = start + 1
-            while stop < len(shards) and shards[stop] == shards[start]:
-                stop += 1
-            pieces.append(self.rows_of(shards[start], positions[start:stop]))
-            start = stop
+        starts = np.concatenate([[0], np.flatnonzero(shards[1:] != shards[:-1]) + 1, [len(shards)]])
+        pieces = [self.rows_of(shards[a], positions[a:b]) for a, b in zip(starts[:-1], starts[1:]) if b > a]
         pool = pa.concat_tables(pieces) if pieces else pa.table({c: pa.array([], schema.field(c).type)
                                                                   for c in self.FROM_SCORES})
         columns = {**{name: batch.column(name) for name in batch.schema.names},

@@ -40,4 +40,4 @@ def test_joined_tables_splice_only_validated_names():
     assert len(statements) >= 3
     spliced = {name for statement in statements for name in re.findall(r"\{([^}]*)\}", statement)}
     assert spliced <= {"', '.join([star] + added)", "joins"}, spliced
-    assert "map(duckdb.ColumnExpression, sources)" in text
+    assert "dataset.to_batches(columns=sources" in text
