@@ -5,7 +5,8 @@ A uid is matched on its two 64-bit halves parsed from the hex text, so upper- an
 (outputs write lower case). Aggregate imports each table once, streamed from an explicit list of parquet files:
 uids parsed into their halves (vectorised), the basic filter computed when asked, repeated uids checked one uid
 range at a time (a uid listed twice is refused: which row would count is ambiguous), into
-``RUN/tables/<name>.parquet``, which the joins (and publish) then read.
+``RUN/tables/<name>.parquet``. The join runs once and is kept as ``RUN/tables/selectable.parquet``, which the
+threshold and publish read.
 
 ``selectable`` is the view the selection reads: the unique scored samples with the joined columns (population
 ``scored``), or the union of them and every uid of the joined tables (population ``metadata``: DataComp's N, where a
@@ -31,12 +32,18 @@ from sieve_tasks.stages.score import basic_filter_features
 SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
 BASIC_FILTER_COLUMNS = ["text", "original_width", "original_height"]
 SCAN_BATCH = 1 << 20
-_HEX_PAIRS = np.full(1 << 16, 0xFFFF, np.uint16)  # two ASCII hex digits (little-endian u16) -> their byte
-for _high in range(16):
-    for _low in range(16):
-        for _a in {f"{_high:x}", f"{_high:X}"}:
-            for _b in {f"{_low:x}", f"{_low:X}"}:
-                _HEX_PAIRS[ord(_a) | ord(_b) << 8] = _high << 4 | _low
+
+
+def _hex_pairs() -> np.ndarray:
+    """Two ASCII hex digits of either case, read as a little-endian uint16 → their byte; 0xFFFF for anything else."""
+    table = np.full(1 << 16, 0xFFFF, np.uint16)
+    for byte in range(256):
+        for text in {f"{byte:02x}", f"{byte:02X}", f"{byte:02x}"[0] + f"{byte:02X}"[1], f"{byte:02X}"[0] + f"{byte:02x}"[1]}:
+            table[ord(text[0]) | ord(text[1]) << 8] = byte
+    return table
+
+
+_HEX_PAIRS = _hex_pairs()
 
 
 def score_column(name: str) -> str:
@@ -45,7 +52,7 @@ def score_column(name: str) -> str:
 
 
 def plan_sources(run: str, settings: Settings, names: list[str], basic_filter: bool) -> dict[str, Any]:
-    """What to join for the scores ``names`` (and the basic filter), as JSON: publish rebuilds the same views from it."""
+    """What to join for the scores ``names`` (and the basic filter), as JSON recorded in thresholds.json."""
     tables: dict[str, dict[str, Any]] = {}
     metadata_columns = ({METADATA_CLIP_COLUMNS[settings.clip_from_metadata]: "clip_score"}
                         if settings.metadata_clip and "clip" in names else {})
