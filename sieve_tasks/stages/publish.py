@@ -76,7 +76,7 @@ def publish(run: str) -> dict[str, Any]:
                "embeddings": [storage.read_json(marker_uri(run, "embeddings", s.shard_id)) for s in shards],
                "scores": score_markers}
     summary = _summary(run, thresholds, kept, markers)
-    summary["duplicates"] = {**duplicated, "file": manifest_uri(run, "duplicates.parquet"), "note": DUPLICATES_NOTE}
+    summary["duplicates"] = {**duplicated, "note": DUPLICATES_NOTE}  # the file: summary["manifest"]
     storage.write_json_atomic(manifest_uri(run, "summary.json"), summary)
     storage.write_json_atomic(manifest_uri(run, "_SUCCESS"), {"kept": kept, "fingerprint": thresholds["fingerprint"]})
     return summary
