@@ -117,7 +117,7 @@ def import_table(con: duckdb.DuckDBPyConnection, table: dict[str, Any]) -> dict[
     fields += [pa.field(target, dataset.schema.field(source).type) for source, target in table["columns"].items()]
     if table["basic_filter"]:
         fields.append(pa.field("passes_basic_filter", pa.bool_()))
-    invalid = 0
+    invalid = non_finite = 0
     with storage.LocalStaging(table["imported"]) as staged, RadixBuckets(np.uint64, rows) as halves:
         with pq.ParquetWriter(staged.path, pa.schema(fields), compression="zstd") as writer:
             for batch in dataset.to_batches(columns=sources, batch_size=SCAN_BATCH):
@@ -125,7 +125,13 @@ def import_table(con: duckdb.DuckDBPyConnection, table: dict[str, Any]) -> dict[
                 invalid += int((~valid).sum())
                 keep = pa.array(valid)
                 columns = [pa.array(hi[valid]), pa.array(lo[valid])]
-                columns += [batch.column(i + 1).filter(keep) for i in range(len(table["columns"]))]
+                for i in range(len(table["columns"])):  # NaN or ±inf is no score: missing, counted
+                    values = batch.column(i + 1).filter(keep)
+                    finite = pc.is_finite(values) if pa.types.is_floating(values.type) else None
+                    if finite is not None:
+                        non_finite += int(pc.sum(pc.invert(finite)).as_py() or 0)
+                        values = pc.if_else(finite, values, pa.scalar(None, values.type))
+                    columns.append(values)
                 if table["basic_filter"]:
                     texts, widths, heights = (batch.column(c).filter(keep).to_pylist() for c in BASIC_FILTER_COLUMNS)
                     columns.append(pa.array([_passes(*row) for row in zip(texts, widths, heights)], pa.bool_()))
@@ -133,7 +139,7 @@ def import_table(con: duckdb.DuckDBPyConnection, table: dict[str, Any]) -> dict[
                 halves.add(hi[valid])
         repeated = np.concatenate([np.unique(v[1:][v[1:] == v[:-1]]) for v in halves.sorted_buckets(np.sort)])
         _refuse_repeats(con, staged.path, table["uri"], repeated)
-    return {"rows": rows, "invalid_uids": invalid}
+    return {"rows": rows, "invalid_uids": invalid, "non_finite_scores": non_finite}
 
 
 def _refuse_repeats(con: duckdb.DuckDBPyConnection, path: str, uri: str, repeated_hi: np.ndarray) -> None:

@@ -252,19 +252,19 @@ def test_metadata_and_score_tables_on_s3(datacomp_pool, s3_server, tmp_path):
     summary = reselect(run, "--metadata", "s3://sieve-test/datacomp/metadata/", "--score", "b32", "--fraction", "0.5",
                        "--population", "metadata",
                        "--external-score", "b32=s3://sieve-test/datacomp/scores/:clip_b32_similarity_score")
-    assert summary["tables"]["external_b32"] == {"rows": 20, "invalid_uids": 0}
+    assert summary["tables"]["external_b32"] == {"rows": 20, "invalid_uids": 0, "non_finite_scores": 0}
     expected = datacomp_subset_bytes(table.column("uid").to_pylist(),
                                      table.column("clip_b32_similarity_score").to_numpy(), 0.5)
     assert (run / "manifest" / "subset.npy").read_bytes() == expected
 
 
-def test_invalid_uids_in_a_score_table_are_counted_and_skipped(datacomp_pool, tmp_path):
+def test_invalid_uids_and_nan_scores_in_a_score_table_are_counted_and_skipped(datacomp_pool, tmp_path):
     listed = datacomp_pool["pool_uids"][:4]
-    pq.write_table(pa.table({"uid": listed + ["not-a-uid", None], "s": [0.1, 0.2, 0.3, 0.4, 9.0, 9.0]}),
-                   tmp_path / "s.parquet")
+    pq.write_table(pa.table({"uid": listed + ["not-a-uid", None, datacomp_pool["pool_uids"][4]],
+                             "s": [0.1, 0.2, 0.3, 0.4, 9.0, 9.0, float("nan")]}), tmp_path / "s.parquet")
     summary = reselect(datacomp_pool["run"], "--external-score", f"x={tmp_path / 's.parquet'}:s", "--score", "x",
                        "--threshold", "0.2")
-    assert summary["tables"]["external_x"] == {"rows": 6, "invalid_uids": 2}
-    assert summary["missing_scores"] == {"x": 11 - 4}  # the other scored samples are not in the table
+    assert summary["tables"]["external_x"] == {"rows": 7, "invalid_uids": 2, "non_finite_scores": 1}
+    assert summary["missing_scores"] == {"x": 11 - 4}  # the NaN one and the samples the table lacks
     kept = pq.read_table(datacomp_pool["run"] / "manifest" / "kept.parquet").column("uid").to_pylist()
     assert kept == listed[1:]
