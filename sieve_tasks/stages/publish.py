@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,7 +83,7 @@ def publish(run: str) -> dict[str, Any]:
     return summary
 
 
-def _write_duplicates(con, run: str, any_duplicates: bool) -> dict[str, int]:
+def _write_duplicates(con: duckdb.DuckDBPyConnection, run: str, any_duplicates: bool) -> dict[str, int]:
     """``manifest/duplicates.parquet``: every occurrence of each uid scored more than once (empty when none)."""
     if not any_duplicates:
         con.execute("CREATE OR REPLACE TEMP VIEW later_duplicates AS SELECT uid FROM scores WHERE false")
