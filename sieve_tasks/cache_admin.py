@@ -110,7 +110,7 @@ def _load_hits(con: duckdb.DuckDBPyConnection, space: Fingerprinted, report: dic
             report["corrupt_files_removed"] += 1
     if readable:
         con.execute("CREATE OR REPLACE TEMP TABLE used AS SELECT sha256, max(used) AS last_hit "
-                    "FROM read_parquet(?) GROUP BY sha256", [readable])
+                    "FROM read_parquet(?) GROUP BY sha256", [[storage.glob_literal(f) for f in readable]])
     else:
         con.execute("CREATE OR REPLACE TEMP TABLE used (sha256 BLOB, last_hit BIGINT)")
     return {"logs": readable, "lookups": lookups, "hits": hits, "seconds_saved": saved} if readable else {}
@@ -134,8 +134,8 @@ def _compact_partition(con: duckdb.DuckDBPyConnection, space: Fingerprinted, par
             return
         try:
             with storage.LocalStaging(target) as staged:
-                con.sql(MERGE, params=[readable, cutoff]).write_parquet(staged.path, compression="zstd",
-                                                                        row_group_size=ROW_GROUP_ROWS)
+                merged = con.sql(MERGE, params=[[storage.glob_literal(f) for f in readable], cutoff])
+                merged.write_parquet(staged.path, compression="zstd", row_group_size=ROW_GROUP_ROWS)
             break
         except duckdb.Error as exc:  # a file whose pages do not read, or one another compaction just merged away
             if attempt == 2:

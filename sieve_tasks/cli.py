@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pickle import UnpicklingError
 
 from sieve_tasks import lease, models
-from sieve_tasks.settings import METADATA_CLIP_COLUMNS, PROFILES, SCORES, Settings, parse_weights
+from sieve_tasks.settings import (METADATA_CLIP_COLUMNS, POPULATIONS, PROFILES, Settings, parse_external_scores,
+                                  parse_weights)
 
 
 def _model_options() -> argparse.ArgumentParser:
@@ -43,8 +44,6 @@ def _model_options() -> argparse.ArgumentParser:
                    help="sentence-transformers reference (default: the packaged all-MiniLM-L6-v2)")
     g.add_argument("--clip", default=models.DEFAULT_CLIP,
                    help="open_clip NAME:PRETRAINED, a local dir, an s3:// prefix, or 'none'")
-    g.add_argument("--clip-from-metadata", choices=sorted(METADATA_CLIP_COLUMNS),
-                   help="use DataComp's precomputed clip_<b32|l14>_similarity_score from the shard parquet")
     g.add_argument("--mask-phrases", choices=["medium", "long"], default="medium")
     g.add_argument("--mask-mode", choices=["substring", "word"], default="substring")
     g.add_argument("--embed-batch-size", type=int, default=256)
@@ -54,6 +53,17 @@ def _model_options() -> argparse.ArgumentParser:
                    help="CPU: int8 linear layers in the captioner and the sentence encoder (3-4x faster matmuls; "
                    "scores move slightly, see BENCHMARKS.md)")
     g.add_argument("--overwrite", action="store_true", help="recompute outputs that already exist")
+    return p
+
+
+def _metadata_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--metadata", metavar="URI",
+                   help="DataComp's metadata/: dir, prefix or glob of per-uid parquet (local or s3://), joined by uid; "
+                   "--clip-from-metadata and --basic-filter read their columns from it")
+    p.add_argument("--clip-from-metadata", choices=sorted(METADATA_CLIP_COLUMNS),
+                   help="use DataComp's precomputed clip_<b32|l14>_similarity_score (from --metadata when given, "
+                   "else from the parquet beside each shard)")
     return p
 
 
@@ -73,9 +83,15 @@ def _selection_options() -> argparse.ArgumentParser:
     rule.add_argument("--fraction", type=float, help="keep this fraction of the pool (DataComp's rule; default 0.2)")
     rule.add_argument("--threshold", type=float, help="keep samples whose score is at least this")
     rule.add_argument("--thresholds-from", metavar="RUN", help="reuse the threshold of a reference run")
-    g.add_argument("--score", choices=SCORES, default="sieve")
+    g.add_argument("--score", default="sieve", help="sieve, clip, fused or an --external-score NAME")
     g.add_argument("--weights", type=parse_weights, default={"sieve": 0.5, "clip": 0.5},
-                   help="fusion weights, summing to 1.0 (default sieve=0.5,clip=0.5)")
+                   help="fusion weights over sieve, clip and external names, summing to 1.0 (default sieve=0.5,clip=0.5)")
+    g.add_argument("--external-score", dest="external_scores", action="append", metavar="NAME=URI:COLUMN",
+                   help="a per-uid score table (parquet with 'uid' and COLUMN; dir, prefix or glob), usable as "
+                   "--score NAME and in --weights; repeatable")
+    g.add_argument("--population", choices=POPULATIONS, default="scored",
+                   help="N of the fraction rule: unique scored samples, or every uid holding the score in its "
+                   "table (DataComp's baselines; such uids can be kept though their image failed)")
     g.add_argument("--basic-filter", action="store_true", help="also apply DataComp's basic filter")
     return p
 
@@ -100,7 +116,10 @@ def _health_rules(text: str):
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     fields = Settings.__dataclass_fields__
-    return Settings(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
+    options = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if "external_scores" in options:
+        options["external_scores"] = parse_external_scores(options["external_scores"])
+    return Settings(**options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,21 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     model_opts, selection_opts, lease_opts = _model_options(), _selection_options(), _lease_options()
     health_opts = _health_options()
+    metadata_opts = _metadata_options()
     io_help = "INPUT: shard directory/prefix, glob or brace list (local or s3://); RUN: run directory"
 
-    run = sub.add_parser("run", parents=[model_opts, selection_opts, lease_opts, health_opts],
+    run = sub.add_parser("run", parents=[model_opts, metadata_opts, selection_opts, lease_opts, health_opts],
                          help="all stages in one process")
     run.add_argument("input")
     run.add_argument("run")
     run.add_argument("--no-progress", action="store_true")
     for name, help_text in (("caption", "write captions per shard"), ("embed", "sentence and CLIP embeddings"),
                             ("score", "per-sample scores and basic-filter features")):
-        stage = sub.add_parser(name, parents=[model_opts, lease_opts], help=help_text, description=io_help)
+        stage = sub.add_parser(name, parents=[model_opts, metadata_opts, lease_opts], help=help_text, description=io_help)
         stage.add_argument("input")
         stage.add_argument("run")
         stage.add_argument("--shards", type=lambda s: [x for x in s.split(",") if x],
                            help="comma-separated shard ids (default: all)")
-    agg = sub.add_parser("aggregate", parents=[selection_opts, lease_opts], help="DuckDB thresholds over all scores")
+    agg = sub.add_parser("aggregate", parents=[selection_opts, metadata_opts, lease_opts], help="DuckDB thresholds over all scores")
     agg.add_argument("run")
     agg.add_argument("--overwrite", action="store_true")
     pub = sub.add_parser("publish", parents=[lease_opts, health_opts],

@@ -16,6 +16,7 @@ from sieve_tasks.stages.caption import CaptionStage
 from sieve_tasks.stages.embed import EmbedStage
 from sieve_tasks.stages.publish import publish
 from sieve_tasks.stages.score import ScoreStage
+from sieve_tasks.tables import check_sources
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def run_all(input_spec: str, run: str, settings: Settings, progress: bool = True
             rules: HealthRules | None = None) -> dict[str, Any]:
     """caption → embed → score over every shard, then aggregate and publish (with the health ``rules``); resumes
     where it stopped."""
+    check_sources(settings)
     for name in SHARD_STAGES:
         run_shard_stage(name, input_spec, run, settings, progress=progress)
     aggregate(run, settings)

@@ -78,6 +78,11 @@ def identity_token(identity: dict[str, Any]) -> str:
     return json.dumps(identity, sort_keys=True)
 
 
+def canonical_uids(uids: list[object]) -> list[object]:
+    """uids in the one form the outputs use (lower-case hex): DataComp's are lower-case, other tables may not be."""
+    return [u.lower() if isinstance(u, str) else u for u in uids]
+
+
 def discover_shards(input_spec: str) -> list[Shard]:
     """Shards named by a directory/prefix, a glob, or a brace/whitespace list (local or ``s3://``).
 

@@ -23,6 +23,8 @@ _FINITE = {"minimum": -sys.float_info.max, "maximum": sys.float_info.max,
            "anyOf": [{"type": "null"}, {"not": {"maximum": 0}}, {"not": {"exclusiveMinimum": 0}}]}
 _FINITE_ANY_OF = {"anyOf": _FINITE["anyOf"]}
 _OPTIONAL_STRING = ["null", "string"]
+_SCORE_NAME = "^[a-z][a-z0-9_]{0,31}$"  # sieve, clip, fused or an external score's name (as Settings checks)
+_WEIGHT = {"type": "number", "minimum": 0, "maximum": 1, **_FINITE_ANY_OF}
 
 
 def selection_params(*, section: str = "Selection") -> dict[str, Param]:
@@ -36,14 +38,31 @@ def selection_params(*, section: str = "Selection") -> dict[str, Param]:
                            description="Keep samples whose selection score is at least this."),
         "thresholds_from": Param(None, type=_OPTIONAL_STRING, section=section, title="Reference run",
                                  description="Reuse the threshold of this earlier run directory (local or s3://)."),
-        "score": Param("sieve", enum=["sieve", "clip", "fused"], section=section, title="Score",
+        "score": Param("sieve", type="string", pattern=_SCORE_NAME, examples=["sieve", "clip", "fused"],
+                       section=section, title="Score",
                        description="sieve: alt-text vs generated captions; clip: CLIP image-text; fused: "
-                                   "weighted sum of min-max normalised scores."),
+                                   "weighted sum of min-max normalised scores; or the name of an external score."),
         "weights": Param(dict(DEFAULT_WEIGHTS), type="object", section=section, title="Fusion weights",
-                         properties={"sieve": {"type": "number", "minimum": 0, "maximum": 1, **_FINITE_ANY_OF},
-                                     "clip": {"type": "number", "minimum": 0, "maximum": 1, **_FINITE_ANY_OF}},
-                         required=["sieve", "clip"], additionalProperties=False,
-                         description="Used by score=fused; must sum to 1."),
+                         properties={"sieve": _WEIGHT, "clip": _WEIGHT}, additionalProperties=_WEIGHT,
+                         propertyNames={"pattern": _SCORE_NAME}, minProperties=1,
+                         description="Used by score=fused: sieve, clip and external score names; must sum to 1."),
+        "external_scores": Param({}, type="object", section=section, title="External scores",
+                                 propertyNames={"pattern": _SCORE_NAME},
+                                 additionalProperties={"type": "string", "pattern": "^.+:[^:/]+$"},
+                                 description="NAME → URI:COLUMN of a per-uid parquet table (uid + COLUMN; a file, "
+                                             "dir/prefix or glob), e.g. a published FLYT/DFN score; NAME is usable "
+                                             "as score and in weights."),
+        "metadata": Param(None, type=_OPTIONAL_STRING, minLength=1, section=section, title="DataComp metadata",
+                          description="DataComp's metadata/ (dir, prefix or glob of per-uid parquet, local or "
+                                      "s3://), joined by uid; clip_from_metadata and basic_filter read it."),
+        "clip_from_metadata": Param(None, type=_OPTIONAL_STRING, enum=[None, "b32", "l14"], section=section,
+                                    title="CLIP score from metadata",
+                                    description="Use DataComp's clip_<b32|l14>_similarity_score (from metadata "
+                                                "when given, else from the parquet beside each shard)."),
+        "population": Param("scored", enum=["scored", "metadata"], section=section, title="Population (N)",
+                            description="scored: N = unique scored samples; metadata: N = every uid holding the "
+                                        "score in its table, as DataComp's baselines count (such uids can be "
+                                        "kept though their image failed)."),
         "basic_filter": Param(False, type="boolean", section=section, title="DataComp basic filter",
                               description="Also require DataComp's basic filter (English, length, size)."),
     }

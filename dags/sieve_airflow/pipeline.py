@@ -119,6 +119,7 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     from sieve_tasks.pool import register_pool
     from sieve_tasks.shards import NoShardsFound, discover_shards
     from sieve_tasks.settings import Settings
+    from sieve_tasks.tables import check_sources
 
     if not input_spec or not input_spec.strip():
         raise AirflowFailException("param 'input' is empty: give a shard directory, prefix, glob or list")
@@ -140,6 +141,10 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     try:
         with object_store(access["aws_conn_id"]):
             discover_shards(input_spec)  # an empty input is found before anything is written to the run
+            try:
+                check_sources(settings)  # metadata and score tables exist before any shard is captioned
+            except FileNotFoundError as exc:
+                raise AirflowFailException(str(exc)) from exc
         with run_access(access):
             shards = register_pool(input_spec, run)
     except NoShardsFound as exc:

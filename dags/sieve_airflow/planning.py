@@ -23,6 +23,10 @@ SETTINGS_PARAMS = {
     "threshold": "threshold",
     "thresholds_from": "thresholds_from",
     "basic_filter": "basic_filter",
+    "external_scores": "external_scores",
+    "metadata": "metadata",
+    "clip_from_metadata": "clip_from_metadata",
+    "population": "population",
     "overwrite": "overwrite",
 }
 
@@ -46,6 +50,7 @@ STAGE_FLAGS = {
     "text_encoder": "--text-encoder",
     "clip": "--clip",
     "clip_from_metadata": "--clip-from-metadata",
+    "metadata": "--metadata",
     "mask_phrases": "--mask-phrases",
     "mask_mode": "--mask-mode",
     "embed_batch_size": "--embed-batch-size",

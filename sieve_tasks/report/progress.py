@@ -51,5 +51,5 @@ def _failures(run: str, captioned: list[str]) -> list[tuple[str, int, list[str]]
     rows = connect(run).execute("""
         SELECT reason, count(*) AS n, list_slice(list(shard || '/' || key ORDER BY shard, position), 1, ?)
         FROM read_parquet(?) WHERE status <> 'ok' GROUP BY reason ORDER BY n DESC, reason
-    """, [EXAMPLES_PER_REASON, files]).fetchall()
+    """, [EXAMPLES_PER_REASON, [storage.glob_literal(f) for f in files]]).fetchall()
     return [(reason, n, examples) for reason, n, examples in rows]

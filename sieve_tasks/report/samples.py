@@ -103,7 +103,7 @@ class SampleGrids:
         self.con.register("report_wanted", wanted)
         rows = self.con.execute("SELECT c.shard, c.position, c.text FROM read_parquet(?) c "
                                 "JOIN report_wanted w ON c.shard = w.shard AND c.position = w.position",
-                                [files]).fetchall()
+                                [[storage.glob_literal(f) for f in files]]).fetchall()
         self.con.unregister("report_wanted")
         return {(shard, position): text for shard, position, text in rows}
 

@@ -12,7 +12,7 @@ from sieve_tasks import storage
 def kept_by_shard(con: duckdb.DuckDBPyConnection, run: str) -> dict[str, int]:
     """Kept rows per shard, from ``manifest/kept.parquet`` (one dictionary-encoded column read)."""
     kept = storage.join(run, "manifest", "kept.parquet")
-    rows = con.execute("SELECT shard, count(*) FROM read_parquet(?) GROUP BY shard", [kept]).fetchall()
+    rows = con.execute("SELECT shard, count(*) FROM read_parquet(?) GROUP BY shard", [storage.glob_literal(kept)]).fetchall()
     return dict(rows)
 
 

@@ -25,8 +25,7 @@ from sieve_tasks.pool import pool_shards
 from sieve_tasks.settings import Settings, fingerprint
 from sieve_tasks.shards import Shard
 from sieve_tasks.stages.base import FINGERPRINT_KEY, InconsistentRun, marker_uri, output_uri
-
-SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
+from sieve_tasks.tables import SCORE_COLUMNS, define_selectable, import_table, plan_sources, score_column
 HISTOGRAM_BINS = 1 << 20
 SCAN_BATCH = 1 << 20
 REPORT_BINS = 256  # the histograms kept in thresholds.json: the 2^20 scan bins summed 4096 at a time
@@ -86,7 +85,8 @@ def check_score_files(con: duckdb.DuckDBPyConnection, files: list[str], markers:
 
 
 def define_views(con: duckdb.DuckDBPyConnection, files: list[str], duplicates: str | None = None) -> None:
-    """``scores`` (every row read) and ``unique_ok`` (scored rows, each uid once: first shard, first position).
+    """``scores`` (every row read) and ``unique_ok`` (scored rows, each uid once: first shard, first position), and
+    ``selectable`` as ``unique_ok`` (:func:`sieve_tasks.tables.define_selectable` adds joined tables to it).
 
     ``duplicates`` is the parquet of later occurrences written by :func:`later_duplicates`.
     """
@@ -100,6 +100,7 @@ def define_views(con: duckdb.DuckDBPyConnection, files: list[str], duplicates: s
             SELECT * FROM scores s WHERE status = 'ok'
             AND NOT EXISTS (SELECT 1 FROM later_duplicates d WHERE d.shard = s.shard AND d.position = s.position)
         """)
+    con.execute("CREATE OR REPLACE TEMP VIEW selectable AS SELECT * FROM unique_ok")
 
 
 def scan_scored(con: duckdb.DuckDBPyConnection, rows: int, selection: dict[str, Any] | None
@@ -143,7 +144,7 @@ def histograms_of(con: duckdb.DuckDBPyConnection, selection: dict[str, Any]) -> 
     histograms = {}
     for name, part in histogram_scores(selection).items():
         bin_of, params = _bin_expression(part)
-        reader = con.sql(f"SELECT {bin_of} FROM unique_ok WHERE {candidate_filter(selection)}",
+        reader = con.sql(f"SELECT {bin_of} FROM selectable WHERE {candidate_filter(selection)}",
                          params=params).to_arrow_reader(SCAN_BATCH)
         histogram = np.zeros(HISTOGRAM_BINS, np.int64)
         for batch in reader:
@@ -152,10 +153,10 @@ def histograms_of(con: duckdb.DuckDBPyConnection, selection: dict[str, Any]) -> 
     return histograms
 
 
-def report_histogram(score: str, histogram: np.ndarray) -> dict[str, Any]:
-    """A scan histogram summed into :data:`REPORT_BINS` bins and trimmed to its non-empty span, for
-    thresholds.json: ``low`` (left edge of the first bin), ``width`` and ``counts``."""
-    low, high = _score_range(score)
+def report_histogram(part: dict[str, Any], histogram: np.ndarray) -> dict[str, Any]:
+    """A scan histogram of one score (``part``: a selection of it) summed into :data:`REPORT_BINS` bins and trimmed
+    to its non-empty span, for thresholds.json: ``low`` (left edge of the first bin), ``width`` and ``counts``."""
+    low, high = _score_range(part)
     coarse = histogram.reshape(REPORT_BINS, -1).sum(axis=1)
     width = (high - low) / REPORT_BINS
     filled = np.flatnonzero(coarse)
@@ -188,11 +189,11 @@ def later_duplicates(con: duckdb.DuckDBPyConnection, run: str, repeated_uid_hi: 
 def score_expression(selection: dict[str, Any]) -> tuple[str, list[Any]]:
     """SQL for the selected score (columns from a fixed list, numbers as parameters)."""
     score = selection["score"]
-    if score in SCORE_COLUMNS:
-        return SCORE_COLUMNS[score], []
+    if score != "fused":
+        return score_column(score), []
     terms, params = [], []
     for name, weight in sorted(selection["weights"].items()):
-        column = SCORE_COLUMNS[name]
+        column = score_column(name)
         low, high = selection["minmax"][column]["min"], selection["minmax"][column]["max"]
         terms.append(f"CAST(? AS DOUBLE) * CASE WHEN ? = ? THEN 0.0 ELSE ({column} - ?) / (? - ?) END")
         params += [weight, high, low, low, high, low]
@@ -201,7 +202,7 @@ def score_expression(selection: dict[str, Any]) -> tuple[str, list[Any]]:
 
 def candidate_filter(selection: dict[str, Any]) -> str:
     names = selection["weights"] if selection["score"] == "fused" else [selection["score"]]
-    clauses = [f"{SCORE_COLUMNS[n]} IS NOT NULL" for n in names]
+    clauses = [f"{score_column(n)} IS NOT NULL" for n in names]
     if selection["basic_filter"]:
         clauses.append("passes_basic_filter")
     return " AND ".join(clauses)
@@ -215,6 +216,10 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     reference = None
     if settings.thresholds_from is not None:
         reference = request["reference"] = storage.read_json(thresholds_uri(settings.thresholds_from))["selection"]
+    names, basic_filter = _selected(reference or {**settings.subset("score", "weights", "basic_filter")})
+    sources = plan_sources(run, settings, names, basic_filter)
+    if sources["tables"] or settings.population != "scored":  # runs without them keep their fingerprints
+        request["sources"] = {**sources, "clip_from_metadata": settings.clip_from_metadata}
     scores = scores_fingerprint(markers)
     expected = fingerprint({"request": request, "scores": scores})
     uri = thresholds_uri(run)
@@ -235,15 +240,27 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     ok = [row[3:] for row in by_status if row[0] == "ok"]
     minmax = _minmax(ok[0] if ok else (None,) * 4)
     selection = _base_selection(settings, minmax)
-    # the duplicate check and the histograms share one scan; both assume no duplicates, the usual case
-    repeated, histograms = scan_scored(con, scored, selection or reference)
+    # the duplicate check and the histograms share one scan; both assume no duplicates and no joined table, the usual
+    # case
+    joined = bool(sources["tables"])
+    repeated, histograms = scan_scored(con, scored, None if joined else selection or reference)
     duplicates, duplicates_file = later_duplicates(con, run, repeated)
-    if duplicates_file is not None:  # min/max and histograms of the unique rows instead
+    tables, missing = {}, {}
+    if joined:
+        define_views(con, files, duplicates_file)
+        tables = {view: import_table(con, table) for view, table in sources["tables"].items()}
+        define_selectable(con, sources)
+        _materialize_selectable(con, sources)
+        minmax, missing = _selectable_facts(con, sources, names)
+        selection = _base_selection(settings, minmax)
+        histograms = histograms_of(con, selection or reference)
+    elif duplicates_file is not None:  # min/max and histograms of the unique rows instead
         define_views(con, files, duplicates_file)
         minmax = _minmax(con.execute("SELECT min(sieve_score), max(sieve_score), min(clip_score), max(clip_score) "
                                      "FROM unique_ok").fetchall()[0])
         selection = _base_selection(settings, minmax)
         histograms = histograms_of(con, selection or reference)
+    parts = histogram_scores(selection or reference)
     chosen = (selection or reference)["score"]
     result = {
         "fingerprint": expected,
@@ -253,11 +270,50 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
         "failed_by_reason": {row[1]: row[2] for row in by_status if row[0] != "ok"},
         "duplicates_file": duplicates_file,
         "pool_minmax": minmax,
-        "histograms": {name: report_histogram(name, h) for name, h in histograms.items()},
+        "histograms": {name: report_histogram(parts[name], h) for name, h in histograms.items()},
+        "population": settings.population,
+        "sources": sources,
+        "tables": tables,
+        "missing_scores": missing,
         "seconds": round(time.perf_counter() - started, 3),
     }
     storage.write_json_atomic(uri, result)
     return result
+
+
+def _selected(selection: dict[str, Any]) -> tuple[list[str], bool]:
+    """The score names a selection reads, and whether it applies the basic filter."""
+    names = sorted(selection["weights"]) if selection["score"] == "fused" else [selection["score"]]
+    return names, bool(selection["basic_filter"])
+
+
+def _materialize_selectable(con: duckdb.DuckDBPyConnection, sources: dict[str, Any]) -> None:
+    """Run the joins once: ``selectable`` becomes ``sources["selectable"]``, the uids and the columns the selection
+    reads, which publish filters without joining again."""
+    columns = ["uid_hi", "uid_lo", "shard", "position", *SCORE_COLUMNS.values(), "passes_basic_filter"]
+    columns += [c for t in sources["tables"].values() for c in t["columns"].values() if c not in columns]
+    with storage.LocalStaging(sources["selectable"]) as staged:
+        con.execute("COPY (SELECT " + ", ".join(columns) + " FROM selectable) TO ? (FORMAT parquet)", [staged.path])
+    con.read_parquet(storage.glob_literal(sources["selectable"])).create_view("selectable_file")
+    con.execute("CREATE OR REPLACE TEMP VIEW selectable AS SELECT * FROM selectable_file")
+
+
+def _selectable_facts(con: duckdb.DuckDBPyConnection, sources: dict[str, Any], names: list[str]
+                      ) -> tuple[dict[str, Any], dict[str, int]]:
+    """Min/max of every score column over ``selectable`` (the population), and per selected score the number of
+    unique scored samples without it (a uid missing from its table), plus the table uids that have no scored sample."""
+    columns = list(SCORE_COLUMNS.values()) + [c for t in sources["tables"].values() for c in t["columns"].values()
+                                              if c.startswith("score_")]
+    wanted = [score_column(n) for n in names]
+    stats = [f"min({c}), max({c})" for c in columns] + ["count(shard)"]
+    stats += [f"count({c}) FILTER (WHERE shard IS NOT NULL)" for c in wanted] + ["count(*) FILTER (WHERE shard IS NULL)"]
+    row = con.execute("SELECT " + ", ".join(stats) + " FROM selectable").fetchall()[0]
+    minmax = {c: {"min": row[2 * i], "max": row[2 * i + 1]} for i, c in enumerate(columns)}
+    scored = row[2 * len(columns)]
+    missing = {n: scored - row[2 * len(columns) + 1 + i] for i, n in enumerate(names)}
+    if sources["population"] == "metadata":
+        missing["unscored_uids"] = row[-1]
+    return minmax, missing
 
 
 def _minmax(values: tuple) -> dict[str, dict[str, float | None]]:
@@ -272,6 +328,7 @@ def _base_selection(settings: Settings, minmax: dict[str, Any]) -> dict[str, Any
         "score": settings.score,
         "weights": dict(sorted(settings.weights.items())) if settings.score == "fused" else None,
         "basic_filter": settings.basic_filter,
+        "population": settings.population,
         "minmax": minmax,
     }
 
@@ -293,12 +350,18 @@ def _bin_expression(selection: dict[str, Any]) -> tuple[str, list[Any]]:
     """SQL for the histogram bin of the selected score. Scores have a known range (cosines in [-1, 1], a fused
     score in [0, 1]), cut into 2^20 equal bins."""
     expression, params = score_expression(selection)
-    low, high = _score_range(selection["score"])
+    low, high = _score_range(selection)
     return (f"least(greatest(CAST(floor((({expression}) - ?) * ?) AS BIGINT), 0), {HISTOGRAM_BINS - 1})",
             params + [low, HISTOGRAM_BINS / (high - low)])
 
 
-def _score_range(score: str) -> tuple[float, float]:
+def _score_range(selection: dict[str, Any]) -> tuple[float, float]:
+    """The range a score's histogram covers: cosines [-1, 1], a fused score [0, 1], an external score its pool
+    min/max (any range)."""
+    score = selection["score"]
+    span = (selection.get("minmax") or {}).get(score_column(score), {})
+    if score not in SCORE_COLUMNS and span.get("min") is not None:
+        return span["min"], max(span["max"], span["min"] + 1e-9)
     return (0.0, 1.0) if score == "fused" else (-1.0, 1.0)
 
 
@@ -318,7 +381,7 @@ def fraction_threshold(con: duckdb.DuckDBPyConnection, selection: dict[str, Any]
     expression, params = score_expression(selection)
     bin_of, bin_params = _bin_expression(selection)
     (threshold,) = con.execute(
-        f"SELECT {expression} AS s FROM unique_ok WHERE {candidate_filter(selection)} AND {bin_of} = ? "
+        f"SELECT {expression} AS s FROM selectable WHERE {candidate_filter(selection)} AND {bin_of} = ? "
         "ORDER BY s DESC LIMIT 1 OFFSET ?",
         params + bin_params + [HISTOGRAM_BINS - 1 - index, n - above],
     ).fetchall()[0]

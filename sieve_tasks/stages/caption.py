@@ -32,6 +32,7 @@ from sieve_tasks.shards import (
     SampleError,
     Sample,
     Shard,
+    canonical_uids,
     decode_image,
     expected_samples,
     open_image,
@@ -125,11 +126,13 @@ class CaptionStage(ShardStage):
                 self._provided = {cache_key: {}}
             else:
                 table = storage.read_parquet(uri, columns=["uid", "captions"])
-                self._provided = {cache_key: dict(zip(table.column("uid").to_pylist(), table.column("captions").to_pylist()))}
+                self._provided = {cache_key: dict(zip(canonical_uids(table.column("uid").to_pylist()),
+                                                      table.column("captions").to_pylist()))}
         return self._provided[cache_key]
 
     def metadata_clip_scores(self, shard: Shard) -> dict[str, float]:
-        if self.settings.clip_from_metadata is None:
+        """DataComp's clip score from the parquet beside the tar (with ``--metadata`` aggregate joins it instead)."""
+        if self.settings.clip_from_metadata is None or self.settings.metadata is not None:
             return {}
         column = METADATA_CLIP_COLUMNS[self.settings.clip_from_metadata]
         if not storage.exists(shard.metadata_uri):
@@ -137,7 +140,7 @@ class CaptionStage(ShardStage):
         table = storage.read_parquet(shard.metadata_uri)
         if column not in table.column_names:
             raise ValueError(f"{shard.metadata_uri} has no column {column!r} (needed by --clip-from-metadata)")
-        return dict(zip(table.column("uid").to_pylist(), table.column(column).to_pylist()))
+        return dict(zip(canonical_uids(table.column("uid").to_pylist()), table.column(column).to_pylist()))
 
     def prepare(self, sample: Sample, needs_pixels: bool, index: CacheIndex | None = None) -> Prepared:
         prepared = Prepared(sample)

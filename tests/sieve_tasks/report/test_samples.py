@@ -15,7 +15,7 @@ def test_bands_hold_the_extremes_of_both_sides(seed):
     rng = np.random.default_rng(seed)
     scores = np.round(rng.beta(2, 5, int(rng.integers(5, 5000))) * 2 - 1, int(rng.integers(2, 6)))  # ties too
     fine = np.minimum(np.floor((scores + 1.0) * (HISTOGRAM_BINS / 2)).astype(int), HISTOGRAM_BINS - 1)
-    histogram = report_histogram("sieve", np.bincount(fine, minlength=HISTOGRAM_BINS))
+    histogram = report_histogram({"score": "sieve"}, np.bincount(fine, minlength=HISTOGRAM_BINS))
     needed = 32
     for threshold in (scores.min() - 0.1, float(np.quantile(scores, 0.8)), float(np.median(scores)), scores.max(),
                       scores.max() + 0.1):
