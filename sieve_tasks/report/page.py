@@ -43,6 +43,17 @@ def table(rows: list[tuple[str, Any]]) -> str:
     return "<table>" + "".join(f"<tr><th>{e(k)}</th><td class='n'>{num(v)}</td></tr>" for k, v in rows) + "</table>"
 
 
+def cache_section(cache: dict[str, Any]) -> str:
+    """The caption cache's figures (``--caption-cache``): what was reused and the captioning time it saved."""
+    rate = cache.get("hit_rate")
+    return "<h2>Caption cache</h2>" + table([
+        ("hits", cache.get("hits")), ("misses", cache.get("misses")),
+        ("hit rate", f"{rate:.1%}" if isinstance(rate, (int, float)) else None),
+        ("captioning time saved (s)", cache.get("seconds_saved")), ("lookup time (s)", cache.get("lookup_seconds")),
+        ("new entries written", cache.get("written")), ("unreadable cache files met", cache.get("errors")),
+    ])
+
+
 def page(title: str, body: str) -> str:
     return (f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>{e(title)}</title>"
             f"<style>{STYLE}</style></head><body>{NAV_MARK}{body}</body></html>\n")
@@ -124,7 +135,7 @@ def details_section(summary: dict[str, Any]) -> str:
     if captioning:
         parts.append("<h2>Captioning</h2>" + table(sorted(captioning.items())))
     if isinstance(cache, dict):
-        parts.append("<h2>Caption cache</h2>" + table(sorted(cache.items())))
+        parts.append(cache_section(cache))
     parts.append("<h2>Models</h2>" + table(sorted((summary.get("models") or {}).items())))
     parts.append("<h2>Timings (seconds, summed over shards)</h2>"
                  + table(sorted((summary.get("timings_seconds") or {}).items())))

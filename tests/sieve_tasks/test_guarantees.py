@@ -47,7 +47,8 @@ def pool_copy(sample_pool, tmp_path):
 def test_a_truncated_shard_accounts_for_every_sample_its_sidecar_lists(pool_copy, tmp_path, capsys):
     os.truncate(pool_copy / "00000001.tar", 5000)  # 9 samples listed; the first is cut, 8 are gone
     run = tmp_path / "run"
-    assert main(["run", str(pool_copy), str(run), *TEST_RUN]) == 0
+    assert main(["run", str(pool_copy), str(run), *TEST_RUN]) == 3  # published, with the verdict "failed"
+    assert _summary(run)["health"]["verdict"] == "failed" and not (run / "manifest" / "_SUCCESS").exists()
     counts, reasons = _summary(run)["counts"], _summary(run)["failed_by_reason"]
     assert counts["read"] == 17 and counts["expected"] == 17 and counts["expected_unknown_shards"] == 0
     assert reasons == {"missing_from_tar": 8, "truncated_tar": 1}
