@@ -98,8 +98,9 @@ def ours(run: str, fraction: float, out: str) -> None:
     shutil.copyfile(os.path.join(run, "manifest", "subset.npy"), out)
 
 
-def measure(which: str, run: str, fraction: float, out: str) -> dict:
-    code = (f"import sys, time, json, resource; sys.path.insert(0, {HERE!r}); import aggregate_bench as b; "
+def measure(which: str, run: str, fraction: float, out: str, module: str = "aggregate_bench") -> dict:
+    """Time ``module.which(run, fraction, out)`` in a fresh process: seconds and peak resident memory."""
+    code = (f"import sys, time, json, resource; sys.path.insert(0, {HERE!r}); import {module} as b; "
             f"t = time.perf_counter(); b.{which}({run!r}, {fraction!r}, {out!r}); "
             "print(json.dumps({'seconds': time.perf_counter() - t, "
             "'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))")

@@ -15,7 +15,6 @@ Prints wall time, peak RSS, the ratios and whether both subset.npy files are byt
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -23,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from aggregate_bench import measure  # a sibling script: benchmarks/ is on the path when run as one
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KEY = "clip_l14_similarity_score"
@@ -83,17 +84,6 @@ def ours(work: str, fraction: float, out: str) -> None:
     shutil.copyfile(os.path.join(run, "manifest", "subset.npy"), out)
 
 
-def measure(which: str, work: str, fraction: float, out: str) -> dict:
-    code = (f"import sys, time, json, resource; sys.path.insert(0, {HERE!r}); import metadata_bench as b; "
-            f"t = time.perf_counter(); b.{which}({work!r}, {fraction!r}, {out!r}); "
-            "print(json.dumps({'seconds': time.perf_counter() - t, "
-            "'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(result.stderr[-3000:])
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=20_000_000, help="metadata rows (90 %% of them are scored)")
@@ -113,7 +103,7 @@ def main() -> None:
           f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB")
     results = {}
     for which in ("datacomp_way", "ours"):
-        results[which] = measure(which, work, args.fraction, os.path.join(work, f"{which}.npy"))
+        results[which] = measure(which, work, args.fraction, os.path.join(work, f"{which}.npy"), "metadata_bench")
         print(f"{which:>13}: {results[which]['seconds']:8.1f} s   peak RSS {results[which]['peak_rss_gb']:.2f} GB")
     base, mine = results["datacomp_way"], results["ours"]
     same = open(os.path.join(work, "datacomp_way.npy"), "rb").read() == open(os.path.join(work, "ours.npy"), "rb").read()
