@@ -33,7 +33,7 @@ def stage_markers(run: str, shards: list[Shard], scores: list[dict[str, Any]]) -
 
 
 class RunReport:
-    """Renders one published run. ``con`` has the run's ``scores`` and ``unique_ok`` views (publish's own)."""
+    """Renders one published run. ``con`` has the run's ``scores``, ``unique_ok`` and ``selectable`` views (publish's own)."""
 
     def __init__(self, run: str, con: duckdb.DuckDBPyConnection, summary: dict[str, Any],
                  thresholds: dict[str, Any], shard_rows: list[dict[str, Any]]):

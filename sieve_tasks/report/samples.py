@@ -66,11 +66,13 @@ class SampleGrids:
 
     def _rank(self, side: str, order: str, band: tuple[float, float]) -> list[tuple[tuple[int, int], float]]:
         """The uids and scores of NEEDED rows of one side of the threshold in ``order`` (ties by uid). Only the
-        uid halves and the scores are read, and only rows within ``band`` (:func:`score_bands`) are sorted."""
+        uid halves and the scores are read, and only rows within ``band`` (:func:`score_bands`) are sorted. Rows come
+        from ``selectable`` (joined tables' scores included), samples of the pool only (they have images)."""
         expression, params = score_expression(self.selection)
         query = f"""
             SELECT uid_hi, uid_lo, score FROM (
-                SELECT uid_hi, uid_lo, {expression} AS score FROM unique_ok WHERE {candidate_filter(self.selection)})
+                SELECT uid_hi, uid_lo, {expression} AS score FROM selectable
+                WHERE shard IS NOT NULL AND {candidate_filter(self.selection)})
             WHERE score {side} ? AND score BETWEEN ? AND ?
             ORDER BY score {order}, uid_hi, uid_lo LIMIT ?
         """

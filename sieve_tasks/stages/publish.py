@@ -69,6 +69,7 @@ def publish(run: str, rules: HealthRules | None = None, scheduled: bool = False)
     pool_rows = thresholds["counts"]["scored"] + thresholds.get("missing_scores", {}).get("unscored_uids", 0)
     if sources["tables"]:  # aggregate's joined rows, in pool order, then uids without a scored sample by uid
         con.read_parquet(storage.glob_literal(sources["selectable"])).create_view("selectable_file")
+        con.execute("CREATE OR REPLACE TEMP VIEW selectable AS SELECT * FROM selectable_file")  # the report's too
         columns = ", ".join(("shard", "position", "sieve_score", "clip_score") + external)
         query = f"""
             SELECT uid_hi, uid_lo, {columns}, {expression} AS selection_score
