@@ -28,12 +28,13 @@ def test_s3_run_equals_local_run(s3_server, test_profile_run):
     for name in ("subset.npy", "kept.parquet", "summary.json"):
         remote = storage.read_bytes(f"s3://sieve-test/runs/demo/manifest/{name}")
         local = open(os.path.join(test_profile_run, "manifest", name), "rb").read()
-        if name == "summary.json":  # differs only in where the manifest lives and in timings
-            import json
+        if name == "summary.json":  # differs only in where the manifest lives, in timings, and in the runs the
+            import json  # health verdict compares with (the other runs beside each one)
 
             remote, local = json.loads(remote), json.loads(local)
             for doc in (remote, local):
                 doc.pop("manifest"), doc.pop("timings_seconds")
+                assert doc.pop("health")["verdict"] == "healthy"
         assert remote == local, name
     keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket="sieve-test", Prefix="runs/demo/")["Contents"]]
     assert not [k for k in keys if "tmp" in k], "no temporary objects may remain"
