@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -34,40 +33,33 @@ RUN_BASE_VARIABLE = "sieve_run_base"
 
 @contextmanager
 def object_store(conn_id: str | None) -> Iterator[None]:
-    """Expose an Airflow AWS connection to ``sieve_tasks.storage`` for the block.
+    """Open ``s3://`` URIs in the block with an Airflow AWS connection's credentials and endpoint.
 
-    The storage layer (fsspec/s3fs/boto) reads the standard AWS variables; they are set from the
-    connection (login/password, extra ``endpoint_url``, ``region_name``, ``aws_session_token``) and
-    restored afterwards. Without a connection id the worker's own AWS environment applies.
+    They are handed to ``sieve_tasks.storage`` as fsspec options for this context only: the worker's
+    environment is left alone, so concurrent tasks of one worker never see each other's credentials.
+    Without a connection id the worker's own AWS environment applies.
     """
+    from sieve_tasks.storage import storage_options
+
     if not conn_id:
         yield
         return
+    with storage_options("s3", s3_options(conn_id)):
+        yield
+
+
+def s3_options(conn_id: str) -> dict[str, Any]:
+    """s3fs options from an AWS connection (login/password, extra ``aws_session_token``, ``endpoint_url``,
+    ``region_name``), read the way the Amazon provider reads them."""
+    from airflow.providers.amazon.aws.utils.connection_wrapper import AwsConnectionWrapper
     from airflow.sdk import BaseHook
 
-    connection = BaseHook.get_connection(conn_id)
-    extra = connection.extra_dejson
-    values = {"AWS_ACCESS_KEY_ID": connection.login, "AWS_SECRET_ACCESS_KEY": connection.password,
-              "AWS_SESSION_TOKEN": extra.get("aws_session_token"), "AWS_ENDPOINT_URL": extra.get("endpoint_url"),
-              "AWS_DEFAULT_REGION": extra.get("region_name")}
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update({name: value for name, value in values.items() if value})
-    _forget_cached_filesystems()
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        _forget_cached_filesystems()
-
-
-def _forget_cached_filesystems() -> None:
-    import fsspec
-
-    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    wrapper = AwsConnectionWrapper(BaseHook.get_connection(conn_id))
+    options: dict[str, Any] = {"key": wrapper.aws_access_key_id, "secret": wrapper.aws_secret_access_key,
+                               "token": wrapper.aws_session_token, "endpoint_url": wrapper.endpoint_url}
+    if wrapper.region_name:
+        options["client_kwargs"] = {"region_name": wrapper.region_name}
+    return {name: value for name, value in options.items() if value}
 
 
 @contextmanager
