@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +30,13 @@ MANIFEST_ASSET = Asset(name="sieve-manifest", uri="sieve://manifest", group="sie
 LOCAL_GROUP = "local_batch"
 POD_GROUP = "pod_batch"
 RUN_BASE_VARIABLE = "sieve_run_base"
+
+
+def accelerator_queue() -> dict[str, str]:
+    """Where local mode's caption and embed tasks go: the Celery queue that the GPU nodes' workers listen to
+    (env ``SIEVE_GPU_QUEUE`` where the DAGs are parsed), else Airflow's default queue."""
+    queue = os.environ.get("SIEVE_GPU_QUEUE")
+    return {"queue": queue} if queue else {}
 
 
 @contextmanager
@@ -170,9 +178,10 @@ def run_stage(stage: str, batch: list[str], plan: dict[str, Any]) -> list[dict[s
 
 @task_group(group_id=LOCAL_GROUP)
 def local_batch(batch: list[str], plan: dict[str, Any]) -> None:
-    """caption → embed → score for one batch of shards, on the Airflow worker."""
-    caption = run_stage.override(task_id="caption")(stage="caption", batch=batch, plan=plan)
-    embed = run_stage.override(task_id="embed")(stage="embed", batch=batch, plan=plan)
+    """caption → embed → score for one batch of shards, on Airflow workers (caption and embed on the
+    accelerator queue when one is configured)."""
+    caption = run_stage.override(task_id="caption", **accelerator_queue())(stage="caption", batch=batch, plan=plan)
+    embed = run_stage.override(task_id="embed", **accelerator_queue())(stage="embed", batch=batch, plan=plan)
     score = run_stage.override(task_id="score")(stage="score", batch=batch, plan=plan)
     caption >> embed >> score
 

@@ -66,6 +66,30 @@ def test_curation_graph(dagbag):
         assert isinstance(dag.task_group_dict[group], MappedTaskGroup)
 
 
+@pytest.mark.parametrize("gpu_queue", ["gpu", None])
+def test_caption_and_embed_go_to_the_accelerator_queue(gpu_queue):
+    """SIEVE_GPU_QUEUE where the DAGs are parsed routes local mode's caption and embed (not score) to it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.append(%r);"
+        "from airflow.dag_processing.dagbag import BundleDagBag;"
+        "from pathlib import Path;"
+        "b = BundleDagBag(dag_folder=%r, bundle_path=Path(%r), bundle_name='dags-folder');"
+        "d = b.dags['sieve_curation'];"
+        "print([d.get_task(t).queue for t in ('local_batch.caption', 'local_batch.embed', 'local_batch.score')])"
+    ) % (str(DAGS), str(DAGS), str(DAGS))
+    env = {k: v for k, v in os.environ.items() if k != "SIEVE_GPU_QUEUE"}
+    if gpu_queue:
+        env["SIEVE_GPU_QUEUE"] = gpu_queue
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    default = "default"
+    expected = [gpu_queue or default, gpu_queue or default, default]
+    assert out.stdout.strip().splitlines()[-1] == str(expected)
+
+
 def test_param_defaults_match_the_library(dagbag):
     from sieve_tasks import models
     from sieve_tasks.settings import Settings
