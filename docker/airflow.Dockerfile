@@ -10,6 +10,8 @@ FROM apache/airflow:${AIRFLOW_VERSION}-python${PYTHON_VERSION}
 ARG AIRFLOW_VERSION=3.3.2
 ARG CNCF_KUBERNETES_PROVIDER_VERSION=10.25.0
 ARG AMAZON_PROVIDER_VERSION=9.39.0
+ARG CELERY_PROVIDER_VERSION=3.26.0
+ARG CELERY_VERSION=5.6.3
 ARG TORCH_VERSION=2.14.1
 ARG TORCHVISION_VERSION=0.29.1
 
@@ -25,6 +27,7 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu \
         "apache-airflow==${AIRFLOW_VERSION}" \
         "apache-airflow-providers-cncf-kubernetes==${CNCF_KUBERNETES_PROVIDER_VERSION}" \
         "apache-airflow-providers-amazon==${AMAZON_PROVIDER_VERSION}" \
+        "apache-airflow-providers-celery==${CELERY_PROVIDER_VERSION}" "celery[redis]==${CELERY_VERSION}" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}" \
         "/opt/sieve[airflow]" \
  && sieve --help > /dev/null

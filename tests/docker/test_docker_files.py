@@ -112,6 +112,8 @@ def test_airflow_versions_match_pyproject():
     assert args["AIRFLOW_VERSION"] == AIRFLOW_EXTRA["apache-airflow"]
     assert args["CNCF_KUBERNETES_PROVIDER_VERSION"] == AIRFLOW_EXTRA["apache-airflow-providers-cncf-kubernetes"]
     assert args["AMAZON_PROVIDER_VERSION"] == AIRFLOW_EXTRA["apache-airflow-providers-amazon"]
+    assert args["CELERY_PROVIDER_VERSION"] == AIRFLOW_EXTRA["apache-airflow-providers-celery"]
+    assert args["CELERY_VERSION"] == AIRFLOW_EXTRA["celery"]
     assert args["TORCH_VERSION"] == DEPENDENCIES["torch"]
     assert args["TORCHVISION_VERSION"] == DEPENDENCIES["torchvision"]
     assert args["PYTHON_VERSION"] == "3.11"
