@@ -13,28 +13,13 @@ RUN_TIMEOUT_S = 600
 GPU_TASKS = {"local_batch.caption", "local_batch.embed"}
 
 
-def upload_pool(local_pool: str, uri: str, s3_options: dict) -> None:
-    from sieve_tasks import storage
-
-    with storage.storage_options("s3", s3_options):
-        fs, path = storage.filesystem(uri)
-        fs.put(f"{local_pool}/", path, recursive=True)
-
-
-def read_s3(uri: str, s3_options: dict) -> bytes:
-    from sieve_tasks import storage
-
-    with storage.storage_options("s3", s3_options):
-        return storage.read_bytes(uri)
-
-
 def test_curation_over_rest_on_two_celery_workers_equals_sieve_run(cpu_and_gpu_workers, sample_pool,
                                                                     test_profile_run):
     from pathlib import Path
 
     cluster = cpu_and_gpu_workers
     bucket = cluster.state["s3"]["bucket"]
-    upload_pool(sample_pool, f"s3://{bucket}/pool", cluster.s3_options)
+    cluster.upload(sample_pool, f"s3://{bucket}/pool")
     run = f"s3://{bucket}/runs/celery"
     run_id = cluster.trigger("sieve_curation", {"input": f"s3://{bucket}/pool", "run": run, "profile": "test",
                                                 "aws_conn_id": cluster.state["s3"]["connection_id"]})
@@ -53,7 +38,7 @@ def test_curation_over_rest_on_two_celery_workers_equals_sieve_run(cpu_and_gpu_w
 
     manifest = Path(test_profile_run) / "manifest"
     for name in ("subset.npy", "kept.parquet"):
-        assert read_s3(f"{run}/manifest/{name}", cluster.s3_options) == (manifest / name).read_bytes(), name
+        assert cluster.read(f"{run}/manifest/{name}") == (manifest / name).read_bytes(), name
     # each worker loaded the models into its own cache, not a shared one
     gpu_home = Path(next(w["home"] for w in cluster.state["workers"] if w["queues"] == ["gpu"]))
     assert any((gpu_home / "cache").iterdir())
