@@ -21,6 +21,7 @@ from sieve_airflow.planning import (
     lease_owner,
     sanitize_run_id,
     settings_options,
+    unshared_paths_warning,
 )
 
 log = logging.getLogger(__name__)
@@ -136,9 +137,8 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     max_map_length = conf.getint("core", "max_map_length", fallback=1024)
     batches = batch_shards([s.shard_id for s in shards], int(params.get("shards_per_task") or 1), max_map_length)
     mode = params.get("mode", "local")
-    if mode == "kubernetes" and any("://" not in uri or uri.startswith("file://") for uri in (input_spec, run)):
-        log.warning("kubernetes mode with a local input or run directory (%s, %s): pods only see it if the "
-                    "same path is mounted in them; prefer s3:// for both", input_spec, run)
+    if warning := unshared_paths_warning(mode, conf.get("core", "executor", fallback=""), input_spec, run):
+        log.warning(warning)
     if settings.profile == "test":
         from sieve_tasks.stages.publish import TEST_PROFILE_WARNING
 

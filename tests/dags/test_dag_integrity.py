@@ -228,3 +228,16 @@ def _assert_named_before_it_runs(template: str, owner: str) -> None:
         task = types.SimpleNamespace(op_kwargs={"batch": ids}, shard_ids=ids)
         rendered = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(template).render(task=task)
         assert rendered == batch_label(ids), (owner, ids)
+
+
+def test_local_paths_are_flagged_where_other_machines_need_them():
+    from sieve_airflow.planning import unshared_paths_warning
+
+    assert unshared_paths_warning("local", "LocalExecutor", "/data/pool", "/data/run") is None
+    assert unshared_paths_warning("local", "CeleryExecutor", "s3://b/pool", "s3://b/run") is None
+    celery = unshared_paths_warning("local", "CeleryExecutor", "s3://b/pool", "/data/run")
+    assert celery and "/data/run" in celery and "s3://b/pool" not in celery
+    assert unshared_paths_warning("local", "LocalExecutor,CeleryExecutor", "/data/pool", "s3://b/run")
+    assert unshared_paths_warning(
+        "local", "airflow.providers.celery.executors.celery_executor.CeleryExecutor", "/p", "s3://b/r")
+    assert "pods" in unshared_paths_warning("kubernetes", "LocalExecutor", "file:///p", "s3://b/r")
