@@ -69,8 +69,9 @@ def main() -> None:
         finally:
             stop_cluster(root)
         print(f"{workers} worker(s): " + ", ".join(f"{k} {v:.1f}" for k, v in results[workers].items()), flush=True)
-    print(f"pool: {args.shards} shards, test profile; wall time 1 → 2 workers: "
-          f"{results[1]['wall_s']:.1f} s → {results[2]['wall_s']:.1f} s ({results[1]['wall_s'] / results[2]['wall_s']:.2f}×)")
+    one, two = results[1]["wall_s"], results[2]["wall_s"]
+    print(f"pool: {args.shards} shards, test profile; wall time 1 → 2 workers: {one:.1f} s → {two:.1f} s "
+          f"({one / two:.2f}×)")
 
 
 if __name__ == "__main__":

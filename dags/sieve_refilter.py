@@ -11,7 +11,7 @@ from airflow.sdk.exceptions import AirflowFailException
 
 from sieve_airflow.params import execution_params, model_params, selection_params
 from sieve_airflow.pipeline import build_pipeline, plan_run, run_base
-from sieve_airflow.planning import join_uri
+from sieve_airflow.planning import join_uri, retry_delay
 
 CRAWL_BASE_VARIABLE = "sieve_crawl_base"
 REFERENCE_VARIABLE = "sieve_reference_run"
@@ -44,7 +44,7 @@ directory and skip finished shards. The published manifest updates the `sieve-ma
     max_active_runs=2,
     tags=["sieve", "refilter", "datacomp"],
     doc_md=DOC,
-    default_args={"owner": "data-curation", "retries": 2, "retry_delay": timedelta(minutes=5),
+    default_args={"owner": "data-curation", "retries": 2, "retry_delay": retry_delay(timedelta(minutes=5)),
                   "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(minutes=30)},
     params={
         "crawl_base": Param(None, type=["null", "string"], section="Data", title="Crawl base",

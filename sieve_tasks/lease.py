@@ -94,8 +94,9 @@ def _conditional_writes_work(run: str) -> bool:
         try:
             storage.write_if(probe, b"2", None)
             _CONDITIONAL_WRITES[bucket] = False
-            log.warning("bucket %s (endpoint %s) ignores conditional writes: the run lease falls back to write-then-check, "
-                        "which two writers starting within the same second can both pass", bucket[1], bucket[0] or "default")
+            log.warning("bucket %s (endpoint %s) ignores conditional writes: the run lease falls back to "
+                        "write-then-check, which two writers starting within the same second can both pass",
+                        bucket[1], bucket[0] or "default")
         except storage.PreconditionFailed:
             _CONDITIONAL_WRITES[bucket] = True
         finally:

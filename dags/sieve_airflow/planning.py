@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from datetime import timedelta
 from typing import Any
 
 #: Param name → ``sieve_tasks.settings.Settings`` field, for every option the trigger form exposes.
@@ -166,3 +167,10 @@ def unshared_paths_warning(mode: str, executor: str, input_spec: str, run: str) 
     else:
         return None
     return f"local path(s) {', '.join(local)} with mode={mode}: {where}; prefer s3:// for input and run"
+
+
+def retry_delay(default: timedelta) -> timedelta:
+    """The delay before a task's first retry: env ``SIEVE_RETRY_DELAY_SECONDS`` where the DAGs are parsed
+    (a test setup that kills workers retries in seconds), else ``default``."""
+    seconds = os.environ.get("SIEVE_RETRY_DELAY_SECONDS")
+    return timedelta(seconds=float(seconds)) if seconds else default

@@ -241,3 +241,14 @@ def test_local_paths_are_flagged_where_other_machines_need_them():
     assert unshared_paths_warning(
         "local", "airflow.providers.celery.executors.celery_executor.CeleryExecutor", "/p", "s3://b/r")
     assert "pods" in unshared_paths_warning("kubernetes", "LocalExecutor", "file:///p", "s3://b/r")
+
+
+def test_retry_delay_is_configurable_where_the_dags_are_parsed(monkeypatch):
+    from datetime import timedelta
+
+    from sieve_airflow.planning import retry_delay
+
+    monkeypatch.delenv("SIEVE_RETRY_DELAY_SECONDS", raising=False)
+    assert retry_delay(timedelta(minutes=2)) == timedelta(minutes=2)
+    monkeypatch.setenv("SIEVE_RETRY_DELAY_SECONDS", "5")
+    assert retry_delay(timedelta(minutes=2)) == timedelta(seconds=5)
