@@ -121,8 +121,8 @@ class Cluster:
             shutil.chown(data, "postgres", "postgres")
         self.state["postgres"] = {"data": str(data), "port": port}
         self.save()
-        run(as_postgres_user([postgres_tool("initdb"), "-D", str(data / "db"), "-U", "airflow", "--auth=trust", "-E", "UTF8",
-             "--no-sync"]))
+        run(as_postgres_user([postgres_tool("initdb"), "-D", str(data / "db"), "-U", "airflow", "--auth=trust",
+                              "-E", "UTF8", "--no-sync"]))
         run(as_postgres_user([postgres_tool("pg_ctl"), "-D", str(data / "db"), "-l", str(data / "server.log"), "-w",
                               "-o", f"-c listen_addresses=127.0.0.1 -p {port} -k {data} -c fsync=off", "start"]))
         run([postgres_tool("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "airflow", "airflow"])
@@ -131,8 +131,9 @@ class Cluster:
     def start_redis(self) -> str:
         port = free_port()
         (self.root / "redis").mkdir(exist_ok=True)
-        redis = self.spawn("redis", [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1", "--port",
-                             str(port), "--save", "", "--appendonly", "no", "--dir", str(self.root / "redis")])
+        redis = self.spawn("redis", [shutil.which("redis-server") or "redis-server", "--bind", "127.0.0.1",
+                                     "--port", str(port), "--save", "", "--appendonly", "no",
+                                     "--dir", str(self.root / "redis")])
         wait_for("redis", lambda: _connects(port), redis)
         return f"redis://127.0.0.1:{port}/0"
 
@@ -150,7 +151,8 @@ class Cluster:
         self.save()
         return endpoint
 
-    def airflow_env(self, database: str, broker: str, s3: str, api_port: int, gpu_queue: str) -> dict[str, str]:
+    def airflow_env(self, database: str, broker: str, s3: str, api_port: int, options: argparse.Namespace
+                    ) -> dict[str, str]:
         """What every Airflow process of the setup shares; the AWS keys only through the connection."""
         (self.root / "passwords.json").write_text(json.dumps({"admin": ADMIN_PASSWORD}))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AIRFLOW_", "AIRFLOW__"))}
@@ -179,9 +181,13 @@ class Cluster:
             f"AIRFLOW_CONN_{CONNECTION_ID.upper()}": json.dumps(connection),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "dags"), str(REPO / "scripts"), str(REPO),
                                                         os.environ.get("PYTHONPATH")])),
-            "SIEVE_GPU_QUEUE": gpu_queue,
+            "SIEVE_GPU_QUEUE": options.gpu_queue,
             "SIEVE_RUN_BASE": f"s3://{BUCKET}/runs",
         })
+        if options.heartbeat_timeout:  # how soon a task whose worker died is failed (and retried)
+            env["AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT"] = str(options.heartbeat_timeout)
+        if options.retry_delay is not None:
+            env["SIEVE_RETRY_DELAY_SECONDS"] = str(options.retry_delay)
         return env
 
     def start_airflow(self, env: dict[str, str], api_port: int) -> None:
@@ -261,7 +267,7 @@ def stop_session(pid: int, grace_s: float = 30) -> None:
             return
 
 
-def up(root: Path, workers: list[str], gpu_queue: str, concurrency: int) -> Cluster:
+def up(root: Path, options: argparse.Namespace) -> Cluster:
     root.mkdir(parents=True, exist_ok=True)
     if (root / STATE).exists():
         raise SystemExit(f"{root / STATE} exists: run 'down --dir {root}' first")
@@ -271,10 +277,10 @@ def up(root: Path, workers: list[str], gpu_queue: str, concurrency: int) -> Clus
         broker = cluster.start_redis()
         s3 = cluster.start_s3()
         api_port = free_port()
-        env = cluster.airflow_env(database, broker, s3, api_port, gpu_queue)
+        env = cluster.airflow_env(database, broker, s3, api_port, options)
         cluster.start_airflow(env, api_port)
-        for index, queues in enumerate(workers, 1):
-            cluster.start_worker(index, queues, concurrency, env)
+        for index, queues in enumerate(options.worker or ["default", options.gpu_queue], 1):
+            cluster.start_worker(index, queues, options.concurrency, env)
         cluster.wait_for_workers()
     except BaseException:
         cluster.stop()
@@ -301,13 +307,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="one worker listening to these comma-separated queues (default: default, gpu)")
     parser.add_argument("--gpu-queue", default="gpu", help="queue of local mode's caption and embed tasks")
     parser.add_argument("--concurrency", type=int, default=1, help="task slots per worker")
+    parser.add_argument("--heartbeat-timeout", type=int, help="seconds without a heartbeat before a running "
+                        "task is failed ([scheduler] task_instance_heartbeat_timeout; Airflow's default: 300)")
+    parser.add_argument("--retry-delay", type=float, help="seconds before a failed task's first retry "
+                        "(the DAGs' default: minutes)")
     parser.add_argument("--foreground", action="store_true", help="stay until Ctrl-C, then stop everything")
     args = parser.parse_args(argv)
     root = args.dir.resolve()
     if args.command == "down":
         down(root)
         return 0
-    cluster = up(root, args.worker or ["default", args.gpu_queue], args.gpu_queue, args.concurrency)
+    cluster = up(root, args)
     api = cluster.state["api"]
     print(f"Airflow {api['url']} (admin / {api['password']}), S3 {cluster.state['s3']['endpoint']} bucket "
           f"{BUCKET} (connection {CONNECTION_ID}), workers: "

@@ -58,19 +58,29 @@ class Cluster:
     def wait(self, dag_id: str, run_id: str, timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
         while (state := self.run_state(dag_id, run_id)) not in ("success", "failed"):
-            assert time.monotonic() < deadline, f"run still {state}: {self.task_instances(dag_id, run_id)}\n" + self.logs()
+            assert time.monotonic() < deadline, (f"run still {state}: {self.task_instances(dag_id, run_id)}\n"
+                                                 + self.logs())
             time.sleep(3)
         return state
 
     def run_state(self, dag_id: str, run_id: str) -> str:
         return self.api.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}").json()["state"]
 
+    def worker(self, hostname: str) -> dict[str, Any]:
+        return next(w for w in self.state["workers"] if w["hostname"] == hostname)
+
     def task_instances(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         return self.api.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances").json()["task_instances"]
 
+    def tries(self, dag_id: str, run_id: str, task_id: str, map_index: int) -> list[dict[str, Any]]:
+        """Every try of one task instance, oldest first (each with the hostname it ran on)."""
+        url = f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/{map_index}/tries"
+        return sorted(self.api.get(url).json()["task_instances"], key=lambda t: t["try_number"])
 
-def start_cluster(root: Path, *workers: str) -> Cluster:
-    argv = [sys.executable, str(SCRIPT), "up", "--dir", str(root)]
+
+def start_cluster(root: Path, *workers: str, options: tuple[str, ...] = ()) -> Cluster:
+    """``scripts/distributed up`` with one worker per ``workers`` entry (its queues) and extra ``options``."""
+    argv = [sys.executable, str(SCRIPT), "up", "--dir", str(root), *options]
     for queues in workers:
         argv += ["--worker", queues]
     started = subprocess.run(argv, capture_output=True, text=True, timeout=600)
