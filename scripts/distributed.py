@@ -9,10 +9,11 @@ tasks go to the accelerator queue (``--gpu-queue``, default ``gpu``), the rest t
 
     scripts/distributed up [--dir DIR] [--worker default --worker gpu] [--foreground]
     scripts/distributed down [--dir DIR]
+    scripts/distributed restart-s3 [--dir DIR]
 
 ``up`` returns once every server answers and every worker is ready, leaving ``DIR/cluster.json`` (URLs, admin
-password, processes, workers); ``down`` stops what it lists and removes the database. ``--foreground`` stays
-until Ctrl-C, then stops everything.
+password, processes, workers); ``down`` stops what it lists and removes the database; ``restart-s3`` stops
+the S3 server and starts it again with its data. ``--foreground`` stays until Ctrl-C, then stops everything.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from json.decoder import WHITESPACE
 from pathlib import Path
 from typing import Any
 
@@ -139,17 +141,35 @@ class Cluster:
 
     def start_s3(self) -> str:
         port = free_port()
-        endpoint = f"http://127.0.0.1:{port}"
-        server = self.spawn("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)])
-        wait_for("s3", lambda: answers(endpoint), server)
+        endpoint = self.run_s3(port)
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEYS["login"],
                      aws_secret_access_key=S3_KEYS["password"], region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        self.state["s3"] = {"endpoint": endpoint, "bucket": BUCKET, "key": S3_KEYS["login"],
+        self.state["s3"] = {"endpoint": endpoint, "port": port, "bucket": BUCKET, "key": S3_KEYS["login"],
                             "secret": S3_KEYS["password"], "region": "us-east-1", "connection_id": CONNECTION_ID}
         self.save()
         return endpoint
+
+    def run_s3(self, port: int) -> str:
+        """moto on ``port``, every request appended to ``DIR/s3-requests.jsonl`` (moto's recorder): moto keeps
+        objects in memory, and that log is what lets a restarted server get them back."""
+        endpoint = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "MOTO_ENABLE_RECORDING": "1",
+               "MOTO_RECORDER_FILEPATH": str(self.root / "s3-requests.jsonl")}
+        server = self.spawn("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], env)
+        wait_for("s3", lambda: answers(endpoint), server)
+        return endpoint
+
+    def restart_s3(self) -> None:
+        """Stop the S3 server and start it again on its port with its data (the recorded requests replayed)."""
+        record = next(p for p in self.state["processes"] if p["name"] == "s3")
+        stop_session(record["pid"])
+        self.state["processes"].remove(record)
+        repair_request_log(self.root / "s3-requests.jsonl")
+        endpoint = self.run_s3(self.state["s3"]["port"])
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/moto-api/recorder/replay-recording", method="POST"),
+                               timeout=300)
 
     def airflow_env(self, database: str, broker: str, s3: str, api_port: int, options: argparse.Namespace
                     ) -> dict[str, str]:
@@ -233,6 +253,19 @@ class Cluster:
             shutil.rmtree(postgres["data"], ignore_errors=True)
 
 
+def repair_request_log(path: Path) -> None:
+    """One request per line again: moto's recorder appends from concurrent threads without a lock, so two
+    records can share a line (``{A}{B}``), and a record cut by the stop is dropped."""
+    text, decoder, records, position = path.read_text(), json.JSONDecoder(), [], 0
+    while (position := WHITESPACE.match(text, position).end()) < len(text):
+        try:
+            record, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError:
+            break  # the last record, cut short
+        records.append(record)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
 def _connects(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -289,19 +322,24 @@ def up(root: Path, options: argparse.Namespace) -> Cluster:
     return cluster
 
 
-def down(root: Path) -> None:
+def load(root: Path) -> Cluster | None:
     state_file = root / STATE
     if not state_file.exists():
-        return
+        return None
     cluster = Cluster(root)
     cluster.state = json.loads(state_file.read_text())
-    cluster.stop()
-    state_file.unlink()
+    return cluster
+
+
+def down(root: Path) -> None:
+    if cluster := load(root):
+        cluster.stop()
+        (root / STATE).unlink()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("command", choices=["up", "down", "restart-s3"])
     parser.add_argument("--dir", type=Path, default=REPO / "distributed", help="state, logs, worker homes")
     parser.add_argument("--worker", action="append", metavar="QUEUES",
                         help="one worker listening to these comma-separated queues (default: default, gpu)")
@@ -316,6 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     root = args.dir.resolve()
     if args.command == "down":
         down(root)
+        return 0
+    if args.command == "restart-s3":
+        if not (cluster := load(root)):
+            raise SystemExit(f"no setup in {root}")
+        cluster.restart_s3()
+        cluster.save()
         return 0
     cluster = up(root, args)
     api = cluster.state["api"]

@@ -88,6 +88,13 @@ def start_cluster(root: Path, *workers: str, options: tuple[str, ...] = ()) -> C
     return Cluster(root)
 
 
+def restart_s3(root: Path) -> None:
+    """``scripts/distributed restart-s3``: the S3 server stopped and started again with its data."""
+    restarted = subprocess.run([sys.executable, str(SCRIPT), "restart-s3", "--dir", str(root)], capture_output=True,
+                               text=True, timeout=300)
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+
+
 def stop_cluster(root: Path) -> None:
     stopped = subprocess.run([sys.executable, str(SCRIPT), "down", "--dir", str(root)], capture_output=True,
                              text=True, timeout=300)

@@ -83,3 +83,32 @@ def test_a_worker_killed_during_caption_is_retried_on_the_survivor(cpu_and_gpu_w
         assert cluster.read(f"{run}/manifest/{name}") == (reference / name).read_bytes(), name
     counts = json.loads(cluster.read(f"{run}/manifest/summary.json"))["counts"]
     assert counts == json.loads((reference / "summary.json").read_text())["counts"]  # no sample twice
+
+
+def test_the_s3_server_restarted_mid_run_keeps_its_data_and_the_run_succeeds(cpu_and_gpu_workers, s3_pool,
+                                                                             test_profile_run):
+    """Once the first shard is captioned, the S3 server stops and starts again (its data replayed): requests in
+    between fail, botocore and Airflow retry them, and the run ends as if nothing had happened."""
+    import time
+    from pathlib import Path
+
+    from tests.distributed.cluster import restart_s3
+
+    cluster = cpu_and_gpu_workers
+    run = f"s3://{cluster.state['s3']['bucket']}/runs/s3-restart"
+    run_id = cluster.trigger("sieve_curation", {"input": s3_pool, "run": run, "profile": "test",
+                                                "aws_conn_id": cluster.state["s3"]["connection_id"]})
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not any(t["task_id"] == "local_batch.caption" and t["state"] == "success"
+                  for t in cluster.task_instances("sieve_curation", run_id)):
+        assert time.monotonic() < deadline and cluster.run_state("sieve_curation", run_id) in ("queued", "running")
+        time.sleep(0.5)
+    restart_s3(cluster.root)
+    assert cluster.read(f"{run}/shards.json")  # written before the restart, still there
+
+    state = cluster.wait("sieve_curation", run_id, RUN_TIMEOUT_S)
+    assert state == "success", json.dumps([(t["task_id"], t["map_index"], t["state"], t["try_number"])
+                                            for t in cluster.task_instances("sieve_curation", run_id)])
+    reference = Path(test_profile_run) / "manifest"
+    for name in ("subset.npy", "kept.parquet"):
+        assert cluster.read(f"{run}/manifest/{name}") == (reference / name).read_bytes(), name
