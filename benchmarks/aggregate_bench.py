@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def generate(run: str, rows: int, files: int) -> None:
     import duckdb
+    import pyarrow.parquet as pq
 
     from sieve_tasks import storage
     from sieve_tasks.stages.base import marker_uri
@@ -52,11 +53,13 @@ def generate(run: str, rows: int, files: int) -> None:
         shard = part.split("=", 1)[1]
         (data,) = os.listdir(os.path.join(staging, part))
         os.replace(os.path.join(staging, part, data), os.path.join(scores, f"{shard}.parquet"))
+        rows_here = pq.read_metadata(os.path.join(scores, f"{shard}.parquet")).num_rows
+        counts = {"shard": shard, "rows": rows_here, "ok": rows_here, "failed": 0}
         storage.write_json_atomic(marker_uri(run, "scores", shard), {"fingerprint": shard, "seconds": 0.0,
-                                                                     "settings": {}})
+                                                                     "settings": {}, **counts})
         for stage in ("captions", "embeddings"):
             storage.write_json_atomic(marker_uri(run, stage, shard), {
-                "fingerprint": shard, "seconds": 0.0,
+                "fingerprint": shard, "seconds": 0.0, **counts,
                 "settings": {"captioner": "synthetic", "captions": None, "text_encoder": "synthetic",
                              "clip": "synthetic", "clip_from_metadata": None}})
         shards[shard] = f"synthetic/{shard}.tar"
@@ -95,8 +98,9 @@ def ours(run: str, fraction: float, out: str) -> None:
     shutil.copyfile(os.path.join(run, "manifest", "subset.npy"), out)
 
 
-def measure(which: str, run: str, fraction: float, out: str) -> dict:
-    code = (f"import sys, time, json, resource; sys.path.insert(0, {HERE!r}); import aggregate_bench as b; "
+def measure(which: str, run: str, fraction: float, out: str, module: str = "aggregate_bench") -> dict:
+    """Time ``module.which(run, fraction, out)`` in a fresh process: seconds and peak resident memory."""
+    code = (f"import sys, time, json, resource; sys.path.insert(0, {HERE!r}); import {module} as b; "
             f"t = time.perf_counter(); b.{which}({run!r}, {fraction!r}, {out!r}); "
             "print(json.dumps({'seconds': time.perf_counter() - t, "
             "'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))")

@@ -8,6 +8,7 @@ from typing import Any
 from airflow.sdk import Param, dag, task
 
 from sieve_airflow.params import execution_params, model_params, selection_params
+from sieve_airflow.notifications import HEALTH_WARNING_NOTIFIERS
 from sieve_airflow.pipeline import build_pipeline, default_run_uri, plan_run
 from sieve_airflow.planning import retry_delay
 
@@ -28,7 +29,7 @@ Prunes a DataComp-format image-text pool by comparing each alt-text with caption
 
 Every task is idempotent: per-shard completion markers make retries and reruns skip finished work.
 The run directory defaults to `<sieve_run_base>/<run id>` (Variable `sieve_run_base`, env `SIEVE_RUN_BASE`,
-else `$AIRFLOW_HOME/sieve-runs`). The *SIEVE summary* link on **publish** opens the run's summary page.
+else `$AIRFLOW_HOME/sieve-runs`). The *SIEVE summary* link on **publish** opens the run's report (also the DAG run's *SIEVE report* tab).
 """
 
 
@@ -57,7 +58,7 @@ def sieve_curation() -> None:
     def list_shards(params: dict[str, Any], run_id: str) -> list[list[str]]:
         return plan_run(params, params["input"], params.get("run") or default_run_uri(run_id))
 
-    build_pipeline(list_shards())
+    build_pipeline(list_shards(), on_warning_callback=HEALTH_WARNING_NOTIFIERS)
 
 
 sieve_curation()

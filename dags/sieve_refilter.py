@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.sdk import Param, Variable, dag, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from sieve_airflow.params import execution_params, model_params, selection_params
-from sieve_airflow.pipeline import build_pipeline, plan_run, run_base
+from sieve_airflow.notifications import HEALTH_WARNING_NOTIFIERS
+from sieve_airflow.pipeline import build_pipeline, object_store, plan_run, run_base
 from sieve_airflow.planning import join_uri, retry_delay
 
 CRAWL_BASE_VARIABLE = "sieve_crawl_base"
 REFERENCE_VARIABLE = "sieve_reference_run"
+CAPTION_CACHE_VARIABLE = "sieve_caption_cache"
+log = logging.getLogger(__name__)
 
 DOC = """
 ### SIEVE daily refilter
@@ -32,6 +36,11 @@ A day whose prefix exists but holds no shards ends with **list_shards skipped** 
 log names the prefix it checked); a missing bucket or prefix fails the run. Backfill
 with `airflow backfill create --dag-id sieve_refilter --from-date ... --to-date ...`; reruns of a day reuse its
 directory and skip finished shards. The published manifest updates the `sieve-manifest` asset.
+
+Captions are reused across days through the **caption cache** (param *caption_cache*, else the Variable
+`sieve_caption_cache`): an image whose bytes were captioned before with the same settings is not captioned
+again. After publishing, **compact_caption_cache** merges the cache's small files and drops entries not used
+for *cache_retention_days* days; the summary shows hits, misses and the captioning time saved.
 """
 
 
@@ -54,6 +63,10 @@ directory and skip finished shards. The published manifest updates the `sieve-ma
                                 title="Input template",
                                 description="Python format string; fields: base, ds, ds_nodash, "
                                             "data_interval_start, data_interval_end."),
+        "cache_retention_days": Param(30, type=["null", "integer"], minimum=1, section="Data",
+                                      title="Caption cache retention (days)",
+                                      description="After publishing, the caption cache drops entries not used for "
+                                                  "this many days; empty: it only merges small files."),
         **selection_params(),
         **model_params(),
         **execution_params(),
@@ -81,9 +94,26 @@ def sieve_refilter() -> None:
                 raise AirflowFailException(f"no selection rule: set the Variable {REFERENCE_VARIABLE} (a reference "
                                            "run) or give thresholds_from, fraction or threshold")
             resolved["thresholds_from"] = reference
+        if not resolved.get("caption_cache"):
+            resolved["caption_cache"] = Variable.get(CAPTION_CACHE_VARIABLE, default=None)
         return plan_run(resolved, input_spec, join_uri(run_base(), "refilter", ds), skip_if_empty=True)
 
-    build_pipeline(list_shards())
+    @task
+    def compact_caption_cache(plan: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+        """Merge the cache's small files, fold in today's hits, drop entries unused for the retention period;
+        returns (and logs) what it did and the cache's size and hit rate."""
+        uri = plan["settings"].get("caption_cache")
+        if not uri:
+            raise AirflowSkipException("this run used no caption cache")
+        from sieve_tasks.cache_admin import compact, stats
+
+        with object_store(plan.get("aws_conn_id")):
+            result = {"compaction": compact(uri, params.get("cache_retention_days")), **stats(uri)}
+        log.info("caption cache %s: %s", uri, result)
+        return result
+
+    listing = list_shards()
+    build_pipeline(listing, on_warning_callback=HEALTH_WARNING_NOTIFIERS) >> compact_caption_cache(listing["plan"])
 
 
 sieve_refilter()

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,17 +16,19 @@ from sieve_tasks.test_models import TINY_BLIP, TINY_CLIP
 
 PROFILES = ("default", "test")
 SCORES = ("sieve", "clip", "fused")
+POPULATIONS = ("scored", "metadata")
+EXTERNAL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # The settings that change each per-shard stage's output (its completion-marker fingerprint); the Airflow
 # pod check uses them too, to prove a pod receives every one of them.
 CAPTION_SETTINGS = (
     "captioner", "captions", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty", "prompt",
     "image_size", "seed", "max_pixels", "clip_from_metadata", "caption_batch_size", "fast_decode",
-    "int8",
+    "int8", "metadata_joined",
 )
 EMBED_SETTINGS = ("text_encoder", "clip", "clip_from_metadata", "mask_phrases", "mask_mode", "max_pixels", "int8")
-SCORE_SETTINGS = ("mask_phrases", "mask_mode", "clip_from_metadata")
+SCORE_SETTINGS = ("mask_phrases", "mask_mode", "clip_from_metadata", "metadata_joined")
 # Options added after runs were first written, with the value that means "as before".
-ADDED_OPTIONS = {"int8": False}
+ADDED_OPTIONS = {"int8": False, "metadata_joined": False}
 DEFAULT_FRACTION = 0.2  # SIEVE's example: keep the top 20 %
 METADATA_CLIP_COLUMNS = {"b32": "clip_b32_similarity_score", "l14": "clip_l14_similarity_score"}
 
@@ -48,10 +51,14 @@ class Settings:
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     decode_workers: int = 4
+    # captions reused across runs by image content (sieve_tasks.caption_cache); not fingerprinted: a cached
+    # caption is a caption the same settings wrote, so finished shards stay valid with or without it
+    caption_cache: str | None = None
     # embed stage
     text_encoder: str = DEFAULT_TEXT_ENCODER
     clip: str = DEFAULT_CLIP  # "none" turns CLIP off
     clip_from_metadata: str | None = None  # "b32" | "l14": use DataComp's precomputed column
+    metadata: str | None = None  # DataComp's metadata/ (per-uid parquet), joined by uid at aggregate
     mask_phrases: str = "medium"
     mask_mode: str = "substring"
     embed_batch_size: int = 256
@@ -65,13 +72,19 @@ class Settings:
     threshold: float | None = None
     thresholds_from: str | None = None
     basic_filter: bool = False
+    external_scores: dict[str, str] = field(default_factory=dict)  # NAME -> "URI:COLUMN" (per-uid parquet)
+    population: str = "scored"  # N of the fraction rule: unique scored samples, or every uid of the score's table
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         if self.profile not in PROFILES:
             raise ValueError(f"unknown profile {self.profile!r}; choose one of {list(PROFILES)}")
-        if self.score not in SCORES:
-            raise ValueError(f"unknown score {self.score!r}; choose one of {list(SCORES)}")
+        for name, spec in self.external_scores.items():
+            split_external_spec(name, spec)
+        if self.score not in self.score_names:
+            raise ValueError(f"unknown score {self.score!r}; choose one of {list(self.score_names)}")
+        if self.population not in POPULATIONS:
+            raise ValueError(f"unknown population {self.population!r}; choose one of {list(POPULATIONS)}")
         if self.clip_from_metadata is not None and self.clip_from_metadata not in METADATA_CLIP_COLUMNS:
             raise ValueError(f"--clip-from-metadata must be one of {sorted(METADATA_CLIP_COLUMNS)}")
         if self.profile == "test":
@@ -90,21 +103,45 @@ class Settings:
         if self.fraction is not None and not 0.0 < self.fraction <= 1.0:
             raise ValueError(f"--fraction must be in (0, 1], got {self.fraction}")
         if self.score == "fused":
-            unknown = set(self.weights) - {"sieve", "clip"}
+            unknown = set(self.weights) - set(self.score_names) | set(self.weights) & {"fused"}
             if unknown:
-                raise ValueError(f"unknown weight names {sorted(unknown)}; use sieve and clip")
+                raise ValueError(f"unknown weight names {sorted(unknown)}; use sieve, clip or an --external-score name")
             bad = {name: w for name, w in self.weights.items() if not _finite(w) or not 0.0 <= w <= 1.0}
             if bad:
                 raise ValueError(f"fusion weights must be finite numbers in [0, 1], got {bad}")
             if abs(sum(self.weights.values()) - 1.0) > 1e-9:
                 raise ValueError(f"fusion weights must sum to 1.0, got {sum(self.weights.values())} from {self.weights}")
-        if self.score in ("clip", "fused") and not self.clip_enabled:
+        if "clip" in self.selected_scores and not self.clip_enabled:
             raise ValueError(f"--score {self.score} needs CLIP: drop --clip none or use --clip-from-metadata")
+        if self.population == "metadata" and self.thresholds_from is None:
+            from_tables = set(self.external_scores) | ({"clip"} if self.metadata_clip else set())
+            if not set(self.selected_scores) <= from_tables:
+                raise ValueError("--population metadata counts the uids of a per-uid table: the selected score must "
+                                 "come from --metadata (--clip-from-metadata) or an --external-score, not "
+                                 f"{sorted(set(self.selected_scores) - from_tables)}")
         if self.int8 and self.dtype in ("fp16", "bf16"):
             raise ValueError(f"--int8 replaces the linear layers' fp32 math; it cannot be combined with --dtype {self.dtype}")
         for name in ("num_captions", "caption_batch_size", "embed_batch_size", "decode_workers", "max_pixels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+
+    @property
+    def score_names(self) -> tuple[str, ...]:
+        return SCORES + tuple(sorted(self.external_scores))
+
+    @property
+    def selected_scores(self) -> tuple[str, ...]:
+        """The score columns the selection reads: the fused weights' names, or the one score."""
+        return tuple(sorted(self.weights)) if self.score == "fused" else (self.score,)
+
+    @property
+    def metadata_joined(self) -> bool:
+        """Per-shard stages leave DataComp's metadata to aggregate's join (the URI itself changes no shard output)."""
+        return self.metadata is not None
+
+    @property
+    def metadata_clip(self) -> bool:
+        return self.metadata is not None and self.clip_from_metadata is not None
 
     @property
     def clip_enabled(self) -> bool:
@@ -132,6 +169,30 @@ class Settings:
 
 def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def split_external_spec(name: str, spec: str) -> tuple[str, str]:
+    """``URI:COLUMN`` of an external score table → (URI, COLUMN); the column is after the last ':'."""
+    if not EXTERNAL_NAME.match(name) or name in SCORES:
+        raise ValueError(f"external score name {name!r} must be lower-case letters, digits and '_' (not {list(SCORES)})")
+    uri, _, column = spec.rpartition(":")
+    if not uri or not column or "/" in column:
+        raise ValueError(f"--external-score {name}={spec!r}: expected NAME=URI:COLUMN")
+    return uri, column
+
+
+def parse_external_scores(items: list[str]) -> dict[str, str]:
+    """``["flyt=s3://b/flyt/:score", ...]`` → ``{"flyt": "s3://b/flyt/:score"}`` (each name once)."""
+    scores: dict[str, str] = {}
+    for item in items:
+        name, sep, spec = item.partition("=")
+        if not sep:
+            raise ValueError(f"--external-score {item!r}: expected NAME=URI:COLUMN")
+        if name in scores:
+            raise ValueError(f"--external-score {name} given twice")
+        split_external_spec(name, spec)
+        scores[name] = spec
+    return scores
 
 
 def fingerprint(payload: dict[str, Any]) -> str:

@@ -78,6 +78,11 @@ def identity_token(identity: dict[str, Any]) -> str:
     return json.dumps(identity, sort_keys=True)
 
 
+def canonical_uids(uids: list[object]) -> list[object]:
+    """uids in the one form the outputs use (lower-case hex): DataComp's are lower-case, other tables may not be."""
+    return [u.lower() if isinstance(u, str) else u for u in uids]
+
+
 def discover_shards(input_spec: str) -> list[Shard]:
     """Shards named by a directory/prefix, a glob, or a brace/whitespace list (local or ``s3://``).
 
@@ -247,8 +252,8 @@ def _fill(sample: Sample, parts: dict[str, bytes]) -> None:
     sample.image = image
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode to RGB, refusing images over ``max_pixels`` from their header (before any decoding)."""
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Read only the header, refusing images over ``max_pixels`` and empty ones (nothing is decoded yet)."""
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
@@ -260,6 +265,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise SampleError("image_too_large")
     if width == 0 or height == 0:
         raise SampleError("empty_image")
+    return image
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode to RGB, refusing images over ``max_pixels`` from their header (before any decoding)."""
+    image = open_image(data, max_pixels)
     try:
         return image.convert("RGB")
     except Exception:

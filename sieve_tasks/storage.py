@@ -17,9 +17,9 @@ import re
 import posixpath
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol, url_to_fs
@@ -34,6 +34,9 @@ S3_DEFAULTS = {
     "config_kwargs": {"retries": {"max_attempts": 6, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60},
 }
 fsspec.config.conf.setdefault("s3", copy.deepcopy(S3_DEFAULTS))  # botocore edits the dict it is given
+
+
+R = TypeVar("R")
 
 
 class StorageError(OSError):
@@ -71,6 +74,21 @@ def storage_options(protocol: str, options: Mapping[str, Any]) -> Iterator[None]
         yield
     finally:
         _OPTIONS.reset(token)
+
+
+def carrying_options(fn: Callable[..., R]) -> Callable[..., R]:
+    """``fn`` called with this context's storage options from whichever thread runs it (the workers of a
+    ``ThreadPoolExecutor`` do not inherit context variables)."""
+    options = _OPTIONS.get()
+
+    def call(*args: Any, **kwargs: Any) -> R:
+        token = _OPTIONS.set(options)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _OPTIONS.reset(token)
+
+    return call
 
 
 def current_options(protocol: str) -> dict[str, Any]:
@@ -379,3 +397,14 @@ def write_parquet_atomic(uri: str, table, metadata: dict[str, str] | None = None
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
     with LocalStaging(uri) as staged:
         pq.write_table(table, staged.path, compression="zstd")
+
+
+def find_files(prefix: str, suffix: str) -> list[str]:
+    """Files ending in ``suffix`` anywhere under ``prefix`` (recursive), as full URIs, sorted; none if it is absent."""
+    with naming("listing", prefix):
+        fs, path = filesystem(prefix)
+        if not fs.exists(path):
+            return []
+        found = [p for p in fs.find(path) if p.endswith(suffix)]
+    return sorted(_full_uri(fs, prefix, p) for p in found)
+

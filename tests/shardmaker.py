@@ -76,3 +76,17 @@ class ShardBuilder:
     def write(self, path) -> None:
         path.write_bytes(self.tar_bytes())
 
+
+
+def write_photo_day(directory, day: str, photos: list[int]) -> None:
+    """A crawl day of two shards holding the demo photos ``photos`` (indexes into ``sample_pool.SAMPLES``) with
+    keys, uids and alt-texts of that day: the same photo on two days has the same bytes and nothing else."""
+    from sieve_tasks.sample_pool import SAMPLES, _jpeg
+
+    directory.mkdir(parents=True)
+    for number, chunk in enumerate([photos[: len(photos) // 2], photos[len(photos) // 2 :]]):
+        builder = ShardBuilder()
+        for index, photo in enumerate(chunk):
+            jpeg = _jpeg(SAMPLES[photo][0]())[0]
+            builder.sample(f"{day}{number:02d}{index:04d}", f"{day}: {SAMPLES[(photo + 3) % 16][1]}", jpeg)
+        builder.write(directory / f"{number:08d}.tar")

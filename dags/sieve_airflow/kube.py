@@ -50,11 +50,12 @@ def load_kubernetes_config(override: dict[str, Any] | None = None) -> dict[str, 
 def check_cli_roundtrip(arguments: list[str], settings: dict[str, Any]) -> None:
     """Parse the pod's args with the real ``sieve`` parser: the pod must get the stage settings we intend."""
     from sieve_tasks.cli import build_parser, settings_from_args
-    from sieve_tasks.settings import CAPTION_SETTINGS, EMBED_SETTINGS
+    from sieve_tasks.settings import CAPTION_SETTINGS, EMBED_SETTINGS, Settings
 
-    parsed = settings_from_args(build_parser().parse_args(arguments)).to_dict()
-    fields = dict.fromkeys(CAPTION_SETTINGS + EMBED_SETTINGS)  # what the pod's stages fingerprint
-    differ = {f: (settings.get(f), parsed.get(f)) for f in fields if settings.get(f) != parsed.get(f)}
+    names = CAPTION_SETTINGS + EMBED_SETTINGS  # what the pod's stages fingerprint
+    intended = Settings(**settings).subset(*names)
+    parsed = settings_from_args(build_parser().parse_args(arguments)).subset(*names)
+    differ = {f: (intended[f], parsed[f]) for f in names if intended[f] != parsed[f]}
     if differ:
         raise ValueError(f"these settings cannot be passed to a pod through the sieve CLI: {differ}")
 

@@ -31,6 +31,7 @@ MANIFEST_ASSET = Asset(name="sieve-manifest", uri="sieve://manifest", group="sie
 LOCAL_GROUP = "local_batch"
 POD_GROUP = "pod_batch"
 RUN_BASE_VARIABLE = "sieve_run_base"
+HEALTH_RULES_VARIABLE = "sieve_health_rules"
 
 
 def accelerator_queue() -> dict[str, str]:
@@ -93,6 +94,20 @@ def default_run_uri(run_id: str) -> str:
     return join_uri(run_base(), sanitize_run_id(run_id))
 
 
+def health_rules(params: dict[str, Any]) -> dict[str, Any]:
+    """The health rule limits: the Variable ``sieve_health_rules`` (JSON), overridden by the param
+    ``health_rules``; refused at planning when a name or value is wrong."""
+    from airflow.sdk import Variable
+
+    from sieve_tasks.report.health import HealthRules
+
+    try:
+        configured = Variable.get(HEALTH_RULES_VARIABLE, default={}, deserialize_json=True)
+        return HealthRules.from_mapping({**configured, **(params.get("health_rules") or {})}).to_dict()
+    except (TypeError, ValueError) as exc:
+        raise AirflowFailException(f"invalid health rules: {exc}") from exc
+
+
 def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty: bool = False) -> list[list[str]]:
     """Validate the settings, register the pool in RUN/shards.json and cut it into batches (idempotent).
 
@@ -105,6 +120,7 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     from sieve_tasks.pool import register_pool
     from sieve_tasks.shards import NoShardsFound, discover_shards
     from sieve_tasks.settings import Settings
+    from sieve_tasks.tables import check_sources
 
     if not input_spec or not input_spec.strip():
         raise AirflowFailException("param 'input' is empty: give a shard directory, prefix, glob or list")
@@ -114,6 +130,7 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
         raise AirflowFailException(f"invalid settings: {exc}") from exc
     if settings.int8 and params.get("mode") == "kubernetes":
         raise AirflowFailException("int8 is for CPU workers; kubernetes mode runs the GPU worker image (use bf16 there)")
+    rules = health_rules(params)
     context = get_current_context()
     owner = lease_owner(context["dag"].dag_id, context["run_id"])
     access = {"run": run, "lease_owner": owner, "aws_conn_id": params.get("aws_conn_id")}
@@ -125,6 +142,10 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     try:
         with object_store(access["aws_conn_id"]):
             discover_shards(input_spec)  # an empty input is found before anything is written to the run
+            try:
+                check_sources(settings)  # metadata and score tables exist before any shard is captioned
+            except FileNotFoundError as exc:
+                raise AirflowFailException(str(exc)) from exc
         with run_access(access):
             shards = register_pool(input_spec, run)
     except NoShardsFound as exc:
@@ -146,7 +167,7 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     log.info("run %s: %d shards in %d batches of up to %d", run, len(shards), len(batches), len(batches[0]))
     plan = {"input": input_spec, "run": run, "settings": settings.to_dict(), "mode": mode,
             "lease_owner": owner, "aws_conn_id": access["aws_conn_id"], "shards": len(shards),
-            "batches": len(batches)}
+            "batches": len(batches), "health_rules": rules}
     ti = context["ti"]
     ti.xcom_push(key="plan", value=plan)  # what every later task needs
     ti.xcom_push(key="run", value=run)  # what the summary plugin looks up
@@ -207,64 +228,87 @@ def aggregate(plan: dict[str, Any]) -> dict[str, Any]:
             "rule": result["selection"]["rule"]}
 
 
-def summary_url(run: str) -> str:
-    """Where the plugin shows a run's summary (absolute when [api] base_url is set)."""
+#: The plugin's external view on DAG runs (plugins/sieve_summary_plugin.py): the report inside the Airflow UI.
+REPORT_VIEW_ROUTE = "sieve-run-summary"
+
+
+def _api_base() -> str:
     from airflow.sdk import conf
 
-    base = (conf.get("api", "base_url", fallback="") or "").rstrip("/")
-    return f"{base}/sieve/run?uri={quote(run, safe='')}"
+    return (conf.get("api", "base_url", fallback="") or "").rstrip("/")
+
+
+def summary_url(run: str) -> str:
+    """The plugin's page of a run's report, on its own (absolute when [api] base_url is set)."""
+    return f"{_api_base()}/sieve/run?uri={quote(run, safe='')}"
 
 
 class SieveSummaryLink(BaseOperatorLink):
-    """'SIEVE summary' button on the publish task: the plugin's page for this run."""
+    """'SIEVE summary' button on the publish task: the DAG run's "SIEVE report" tab, inside the Airflow UI."""
 
     name = "SIEVE summary"
 
     def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
-        plan = getattr(operator, "plan", None)
-        if not isinstance(plan, dict):
-            return ""
-        return summary_url(plan["run"])
+        return (f"{_api_base()}/dags/{quote(ti_key.dag_id, safe='')}/runs/{quote(ti_key.run_id, safe='')}"
+                f"/plugin/{REPORT_VIEW_ROUTE}")
 
 
 class SievePublishOperator(BaseOperator):
-    """Write RUN/manifest (subset.npy, kept.parquet, summary.json, _SUCCESS) and update the manifest asset."""
+    """Write RUN/manifest (subset.npy, kept.parquet, summary.json, report.html, _SUCCESS) and update the manifest
+    asset, unless the health verdict is ``failed``: then the task fails (no retry) before any Asset event.
+
+    ``on_warning_callback``: notifiers (any ``BaseNotifier``, e.g. the Slack provider's ``SlackNotifier``, or
+    callables taking the context) called when the verdict is ``warning``; their templates see ``sieve_health``
+    (verdict, findings) and ``sieve_report_url`` besides the task context.
+    """
 
     template_fields = ("plan",)
     operator_extra_links = (SieveSummaryLink(),)
     ui_color = "#f5e6c8"
 
-    def __init__(self, *, plan: Any, **kwargs: Any) -> None:
+    def __init__(self, *, plan: Any, on_warning_callback: Any = None, **kwargs: Any) -> None:
         kwargs.setdefault("outlets", [MANIFEST_ASSET])
         super().__init__(**kwargs)
         self.plan = plan
+        self.on_warning_callback = list(on_warning_callback or [])
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from sieve_tasks.report.health import HealthRules
         from sieve_tasks.stages.publish import publish
 
+        run_type = context["dag_run"].run_type
+        scheduled = getattr(run_type, "value", run_type) != "manual"  # scheduled, backfill, asset-triggered
         with run_access(self.plan, last_step=True):
-            summary = publish(self.plan["run"])
-        counts = summary["counts"]
-        self.log.info("kept %s of %s read (%s failed); manifest %s", counts["kept"], counts["read"],
-                      counts["failed"], summary["manifest"]["subset.npy"])
+            summary = publish(self.plan["run"], HealthRules.from_mapping(self.plan.get("health_rules")), scheduled)
+        counts, health, report = summary["counts"], summary["health"], summary_url(self.plan["run"])
+        self.log.info("kept %s of %s read (%s failed); manifest %s; health %s; report %s", counts["kept"],
+                      counts["read"], counts["failed"], summary["manifest"]["subset.npy"], health["verdict"], report)
         if summary.get("warning"):
             self.log.warning(summary["warning"])
+        problems = "; ".join(f"{f['rule']}: {f['message']}" for f in health["findings"] if f["level"] != "healthy")
+        if health["verdict"] == "failed":
+            raise AirflowFailException(f"health verdict failed ({problems}); not published, see {report}")
+        if health["verdict"] == "warning":
+            self.log.warning("health verdict warning: %s", problems)
+            for notify in self.on_warning_callback:
+                notify({**context, "sieve_health": health, "sieve_report_url": report})
         extra = {"run": self.plan["run"], "subset": summary["manifest"]["subset.npy"], "kept": counts["kept"],
-                 "profile": summary["profile"]}
+                 "profile": summary["profile"], "verdict": health["verdict"]}
         for asset in self.outlets:
             context["outlet_events"][asset].extra = extra
         return {"run": self.plan["run"], "counts": counts, "manifest": summary["manifest"],
-                "summary_url": summary_url(self.plan["run"])}
+                "summary_url": report, "verdict": health["verdict"]}
 
 
-def build_pipeline(listing: Any) -> Any:
-    """Wire the per-batch group, aggregate and publish behind a planning task that ran ``plan_run``."""
+def build_pipeline(listing: Any, on_warning_callback: Any = None) -> Any:
+    """Wire the per-batch group, aggregate and publish behind a planning task that ran ``plan_run``;
+    ``on_warning_callback``: publish's notifiers for a ``warning`` verdict."""
     plan = listing["plan"]  # the XCom with key "plan"
     mode = choose_mode(plan)
     local = local_batch.partial(plan=plan).expand(batch=listing)
     pods = pod_batch.partial(plan=plan).expand(batch=listing)
     thresholds = aggregate.override(trigger_rule="none_failed_min_one_success")(plan)
-    published = SievePublishOperator(task_id="publish", plan=plan)
+    published = SievePublishOperator(task_id="publish", plan=plan, on_warning_callback=on_warning_callback)
     mode >> [local, pods]
     [local, pods] >> thresholds >> published
     return published

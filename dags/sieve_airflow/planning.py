@@ -17,12 +17,17 @@ SETTINGS_PARAMS = {
     "num_captions": "num_captions",
     "caption_batch_size": "caption_batch_size",
     "int8": "int8",
+    "caption_cache": "caption_cache",
     "score": "score",
     "weights": "weights",
     "fraction": "fraction",
     "threshold": "threshold",
     "thresholds_from": "thresholds_from",
     "basic_filter": "basic_filter",
+    "external_scores": "external_scores",
+    "metadata": "metadata",
+    "clip_from_metadata": "clip_from_metadata",
+    "population": "population",
     "overwrite": "overwrite",
 }
 
@@ -46,12 +51,14 @@ STAGE_FLAGS = {
     "text_encoder": "--text-encoder",
     "clip": "--clip",
     "clip_from_metadata": "--clip-from-metadata",
+    "metadata": "--metadata",
     "mask_phrases": "--mask-phrases",
     "mask_mode": "--mask-mode",
     "embed_batch_size": "--embed-batch-size",
     "device": "--device",
     "dtype": "--dtype",
     "int8": "--int8",
+    "caption_cache": "--caption-cache",
 }
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")

@@ -1,8 +1,10 @@
 """Caption stage: the first reader of a shard. Validates every sample, decodes images in worker threads
-while the captioner runs, and writes ``RUN/captions/<shard>.parquet``."""
+while the captioner runs, and writes ``RUN/captions/<shard>.parquet``. With ``--caption-cache`` an image
+whose bytes were captioned before with the same settings is neither decoded nor captioned again."""
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -15,9 +17,27 @@ import torch
 
 from sieve_tasks import storage
 from sieve_tasks.blip_checkpoint import fetch_checkpoint, is_blip_checkpoint
+from sieve_tasks.caption_cache import (
+    FETCH_BATCH,
+    CacheCounts,
+    CacheIndex,
+    CaptionCache,
+    cache_fingerprint,
+    image_digest,
+)
 from sieve_tasks.models import Device
 from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
-from sieve_tasks.shards import UID_PATTERN, SampleError, Sample, Shard, decode_image, expected_samples, read_samples
+from sieve_tasks.shards import (
+    UID_PATTERN,
+    SampleError,
+    Sample,
+    Shard,
+    canonical_uids,
+    decode_image,
+    expected_samples,
+    open_image,
+    read_samples,
+)
 from sieve_tasks.stages.base import InconsistentRun, ShardStage
 
 T = TypeVar("T")
@@ -49,6 +69,8 @@ class Prepared:
     width: int | None = None
     height: int | None = None
     pixels: torch.Tensor | None = None
+    digest: bytes | None = None  # SHA-256 of the image bytes (with a caption cache)
+    cached: bool = False  # the cache may hold its captions: not decoded
 
 
 class CaptionStage(ShardStage):
@@ -62,6 +84,7 @@ class CaptionStage(ShardStage):
         from sieve_tasks.captioner import clip_style_transform
 
         self._transform = clip_style_transform(settings.image_size)
+        self._cache: CaptionCache | None = None
 
     def stage_settings(self) -> dict[str, Any]:
         """The settings plus, for a BLIP ``.pth`` captioner, the file's SHA-256 (a path or URL does not pin its
@@ -70,6 +93,16 @@ class CaptionStage(ShardStage):
         if is_blip_checkpoint(self.settings.captioner):
             settings["captioner_sha256"] = fetch_checkpoint(self.settings.captioner).sha256
         return settings
+
+    def caption_cache(self) -> CaptionCache | None:
+        """The ``--caption-cache`` namespace of these settings (made when a shard first needs it: naming a BLIP
+        checkpoint by its SHA-256 may download it)."""
+        if self._cache is None and self.settings.caption_cache:
+            identity = {"dtype": str(Device.choose(self.settings.device, self.settings.dtype).dtype).removeprefix("torch.")}
+            if is_blip_checkpoint(self.settings.captioner):
+                identity["captioner_sha256"] = fetch_checkpoint(self.settings.captioner).sha256
+            self._cache = CaptionCache(self.settings.caption_cache, cache_fingerprint(self.settings, identity))
+        return self._cache
 
     @property
     def captioner(self):
@@ -93,11 +126,13 @@ class CaptionStage(ShardStage):
                 self._provided = {cache_key: {}}
             else:
                 table = storage.read_parquet(uri, columns=["uid", "captions"])
-                self._provided = {cache_key: dict(zip(table.column("uid").to_pylist(), table.column("captions").to_pylist()))}
+                self._provided = {cache_key: dict(zip(canonical_uids(table.column("uid").to_pylist()),
+                                                      table.column("captions").to_pylist()))}
         return self._provided[cache_key]
 
     def metadata_clip_scores(self, shard: Shard) -> dict[str, float]:
-        if self.settings.clip_from_metadata is None:
+        """DataComp's clip score from the parquet beside the tar (with ``--metadata`` aggregate joins it instead)."""
+        if self.settings.clip_from_metadata is None or self.settings.metadata is not None:
             return {}
         column = METADATA_CLIP_COLUMNS[self.settings.clip_from_metadata]
         if not storage.exists(shard.metadata_uri):
@@ -105,12 +140,21 @@ class CaptionStage(ShardStage):
         table = storage.read_parquet(shard.metadata_uri)
         if column not in table.column_names:
             raise ValueError(f"{shard.metadata_uri} has no column {column!r} (needed by --clip-from-metadata)")
-        return dict(zip(table.column("uid").to_pylist(), table.column(column).to_pylist()))
+        return dict(zip(canonical_uids(table.column("uid").to_pylist()), table.column(column).to_pylist()))
 
-    def prepare(self, sample: Sample, needs_pixels: bool) -> Prepared:
+    def prepare(self, sample: Sample, needs_pixels: bool, index: CacheIndex | None = None) -> Prepared:
         prepared = Prepared(sample)
         if not sample.ok:
             return prepared
+        if needs_pixels and index is not None:
+            prepared.digest = image_digest(sample.image)
+            if index.maybe(prepared.digest):  # only the header is read: size and the pixel limit
+                try:
+                    prepared.width, prepared.height = open_image(sample.image, self.settings.max_pixels).size
+                    prepared.cached = True
+                except SampleError as exc:
+                    sample.reason = str(exc)
+                return prepared
         try:
             image = decode_image(sample.image, self.settings.max_pixels)
         except SampleError as exc:
@@ -124,25 +168,62 @@ class CaptionStage(ShardStage):
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
         provided = self.provided_captions(shard.shard_id)
         metadata_clip = self.metadata_clip_scores(shard)
+        counts = CacheCounts()
+        cache = self.caption_cache()
+        index = cache.index(counts) if cache else None  # one listing per shard
         rows: list[dict[str, Any]] = []
-        waiting: list[tuple[dict[str, Any], torch.Tensor]] = []
+        waiting: list[tuple[dict[str, Any], torch.Tensor, bytes | None]] = []
+        candidates: list[tuple[dict[str, Any], Prepared]] = []
+        fresh: list[tuple[bytes, list[str], float]] = []  # new cache entries: digest, captions, seconds
+        hits: list[bytes] = []
         batch_size = self.settings.caption_batch_size
 
         def flush() -> None:
             if not waiting:
                 return
             seed = zlib.crc32(f"{self.settings.seed}:{shard.shard_id}:{waiting[0][0]['position']}".encode())
-            captions = self.captioner.caption(torch.stack([pixels for _, pixels in waiting]), seed)
-            for (row, _), caps in zip(waiting, captions):
+            captioner = self.captioner  # loaded before the clock starts: an entry's seconds are captioning only
+            started = time.perf_counter()
+            captions = captioner.caption(torch.stack([pixels for _, pixels, _ in waiting]), seed)
+            seconds = (time.perf_counter() - started) / len(waiting)
+            for (row, _, digest), caps in zip(waiting, captions):
                 row["captions"] = caps
+                if digest is not None:
+                    fresh.append((digest, caps, seconds))
             waiting.clear()
+
+        def caption_later(row: dict[str, Any], prepared: Prepared) -> None:
+            row["caption_source"] = "captioner"
+            waiting.append((row, prepared.pixels, prepared.digest))
+            if len(waiting) == batch_size:
+                flush()
+
+        def resolve() -> None:
+            """Captions of the candidate hits, fetched together; a candidate not found is decoded and captioned."""
+            found = index.fetch(p.digest for _, p in candidates)
+            for row, prepared in candidates:
+                cached = found.get(prepared.digest)
+                if cached is not None:
+                    row["captions"], row["caption_source"] = cached.captions, "cache"
+                    counts.hits += 1
+                    counts.seconds_saved += cached.seconds
+                    hits.append(prepared.digest)
+                    continue
+                counts.misses += 1
+                decoded = self.prepare(prepared.sample, True)
+                if decoded.sample.reason is not None:
+                    row["reason"] = decoded.sample.reason
+                else:
+                    decoded.digest = prepared.digest
+                    caption_later(row, decoded)
+            candidates.clear()
 
         def needs_pixels(sample: Sample) -> bool:
             return sample.ok and sample.uid not in provided
 
         with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool:
             prepared_samples = prefetch_map(
-                pool, lambda s: self.prepare(s, needs_pixels(s)), read_samples(shard), ahead=4 * batch_size
+                pool, lambda s: self.prepare(s, needs_pixels(s), index), read_samples(shard), ahead=4 * batch_size
             )
             for prepared in prepared_samples:
                 row = self._row(prepared, metadata_clip)
@@ -153,11 +234,15 @@ class CaptionStage(ShardStage):
                     row["captions"], row["caption_source"] = provided[row["uid"]], "provided"
                     if not row["captions"] or not all(isinstance(c, str) for c in row["captions"]):
                         row["reason"], row["captions"] = "invalid_provided_captions", None
+                elif prepared.cached:
+                    candidates.append((row, prepared))
+                    if len(candidates) == FETCH_BATCH:
+                        resolve()
                 else:
-                    row["caption_source"] = "captioner"
-                    waiting.append((row, prepared.pixels))
-                    if len(waiting) == batch_size:
-                        flush()
+                    counts.misses += index is not None
+                    caption_later(row, prepared)
+            if candidates:
+                resolve()
             flush()
         expected = expected_samples(shard)
         missing = expected.missing({row["key"] for row in rows})
@@ -172,6 +257,10 @@ class CaptionStage(ShardStage):
                  "provided": sum(r["caption_source"] == "provided" for r in rows),
                  "oom_splits": self._captioner.oom_splits if self._captioner else 0,
                  "device": self._captioner.device.describe() if self._captioner else None}
+        if cache is not None:
+            cache.add(fresh, counts)
+            cache.record_hits(hits, counts)
+            facts["cache"] = counts.as_facts()
         return pa.Table.from_pylist(rows, schema=CAPTIONS_SCHEMA), facts
 
     @staticmethod

@@ -72,8 +72,8 @@ def test_publish_updates_the_manifest_asset_and_links_the_summary(local_run):
     assert not (run / "_lease.json").exists()
     from urllib.parse import quote
 
-    link = xcoms(dagrun, "publish", "_link_SieveSummaryLink")
-    assert link == [f"/sieve/run?uri={quote(str(run), safe='')}"]
+    link = xcoms(dagrun, "publish", "_link_SieveSummaryLink")  # the DAG run's report tab, inside the UI
+    assert link == [f"/dags/sieve_curation/runs/{quote(dagrun.run_id, safe='')}/plugin/sieve-run-summary"]
     assert xcoms(dagrun, "list_shards", "run") == [str(run)]
 
 
@@ -105,10 +105,8 @@ def test_rerunning_neither_duplicates_nor_loses_rows(local_run, demo_pool):
 
 
 @pytest.mark.parametrize("conf", [{"fraction": 0.5, "threshold": 0.1}, {"int8": True, "mode": "kubernetes"},
-                                  {"threshold": float("nan")}, {"profile": "default"},
-                                  {"input": "/nonexistent/sieve-pool/"}],
-                         ids=["conflicting-selection", "int8-on-gpu-pods", "nan-threshold", "models-not-offline",
-                              "missing-input"])
+                                  {"profile": "default"}, {"input": "/nonexistent/sieve-pool/"}],
+                         ids=["conflicting-selection", "int8-on-gpu-pods", "models-not-offline", "missing-input"])
 def test_bad_settings_fail_fast_without_retries(airflow_db, demo_pool, tmp_path, conf):
     dagrun = run_dag("sieve_curation", {"input": demo_pool, "run": str(tmp_path / "run"), "profile": "test", **conf})
     assert dagrun.state == "failed"
@@ -116,6 +114,15 @@ def test_bad_settings_fail_fast_without_retries(airflow_db, demo_pool, tmp_path,
     assert got[("list_shards", -1)] == "failed"
     assert got[("publish", -1)] == "upstream_failed"
     assert not (tmp_path / "run" / "shards.json").exists()
+
+
+def test_a_nan_in_the_trigger_conf_is_refused_before_the_run_starts(airflow_db, demo_pool, tmp_path):
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        run_dag("sieve_curation", {"input": demo_pool, "run": str(tmp_path / "run"), "profile": "test",
+                                   "threshold": float("nan")})
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_run_directory_leased_by_someone_else_is_not_touched(airflow_db, demo_pool, tmp_path):

@@ -105,6 +105,10 @@ def test_param_defaults_match_the_library(dagbag):
     assert params["weights"] == defaults.weights
     assert params["basic_filter"] == defaults.basic_filter
     assert params["profile"] == defaults.profile
+    assert params["population"] == defaults.population
+    assert params["external_scores"] == defaults.external_scores
+    assert params["metadata"] is defaults.metadata is None
+    assert params["clip_from_metadata"] is defaults.clip_from_metadata is None
     fields = {f.name for f in dataclasses.fields(Settings)}
     from sieve_airflow.planning import SETTINGS_PARAMS, STAGE_FLAGS
 
@@ -114,16 +118,23 @@ def test_param_defaults_match_the_library(dagbag):
 
 @pytest.mark.parametrize("bad", [
     {"input": ""},
-    {"score": "median"},
+    {"score": "Median"},  # a lower-case name the form cannot check is refused by Settings (below)
     {"fraction": 0},
     {"fraction": 1.5},
     {"profile": "fast"},
     {"mode": "slurm"},
     {"shards_per_task": 0},
     {"num_captions": 0},
-    {"weights": {"sieve": 0.5}},
-    {"weights": {"sieve": 0.5, "clip": 0.5, "other": 0.0}},
+    {"weights": {"sieve": 1.5}},
+    {"weights": {}},
+    {"weights": {"sieve": 0.5, "Other-Name": 0.5}},
     {"basic_filter": "yes"},
+    {"score": "sieve_score); DROP TABLE scores; --"},
+    {"population": "everything"},
+    {"clip_from_metadata": "h14"},
+    {"external_scores": {"flyt": "s3://bucket/flyt/"}},
+    {"external_scores": {"FLYT": "s3://bucket/flyt/:score"}},
+    {"metadata": ""},
 ])
 def test_trigger_form_rejects_bad_values(dagbag, bad):
     from airflow.sdk.exceptions import ParamValidationError
@@ -141,6 +152,26 @@ def test_trigger_form_accepts_a_good_conf(dagbag):
                    "shards_per_task": 4, "profile": "test"})
     resolved = params.validate()
     assert resolved["shards_per_task"] == 4
+    params.update({"metadata": "s3://bucket/pool/metadata/", "clip_from_metadata": "l14", "population": "metadata",
+                   "external_scores": {"flyt": "s3://bucket/scores/flyt/:score"}, "score": "fused",
+                   "weights": {"clip": 0.5, "flyt": 0.5}})
+    assert params.validate()["external_scores"] == {"flyt": "s3://bucket/scores/flyt/:score"}
+
+
+def test_settings_from_params_check_what_the_form_cannot():
+    from sieve_airflow.planning import settings_options
+    from sieve_tasks.settings import Settings
+
+    good = {"metadata": "s3://b/metadata/", "clip_from_metadata": "l14", "population": "metadata", "score": "fused",
+            "external_scores": {"flyt": "s3://b/flyt/:score"}, "weights": {"clip": 0.5, "flyt": 0.5}}
+    settings = Settings(**settings_options(good))
+    assert settings.selected_scores == ("clip", "flyt") and settings.metadata_clip
+    with pytest.raises(ValueError, match="unknown weight names"):
+        Settings(**settings_options({**good, "weights": {"clip": 0.5, "dfn": 0.5}}))
+    with pytest.raises(ValueError, match="population metadata"):
+        Settings(**settings_options({**good, "weights": {"sieve": 0.5, "flyt": 0.5}}))
+    with pytest.raises(ValueError, match="unknown score"):
+        Settings(**settings_options({**good, "score": "dfn"}))
 
 
 def test_input_is_required(dagbag):
@@ -182,6 +213,7 @@ def test_run_ids_become_safe_directory_names():
     {},
     {"captioner": "s3://models/blip", "clip": "none", "num_captions": 3, "caption_batch_size": 32,
      "text_encoder": "all-MiniLM-L6-v2", "overwrite": True},
+    {"metadata": "s3://b/pool/metadata/", "clip_from_metadata": "l14", "score": "clip", "population": "metadata"},
 ])
 def test_pod_arguments_carry_the_stage_settings(options):
     """What a pod parses with the real ``sieve`` CLI equals the settings the DAG resolved."""
@@ -200,6 +232,7 @@ def test_pod_arguments_carry_the_stage_settings(options):
         assert parsed.shards == ["00000003", "00000004"]
         assert parsed.lease_owner == "airflow/sieve_curation/manual__x"
         assert settings_from_args(parsed).overwrite == settings["overwrite"]
+        assert parsed.metadata == settings["metadata"] and parsed.clip_from_metadata == settings["clip_from_metadata"]
 
 
 def test_settings_the_cli_cannot_carry_are_refused():

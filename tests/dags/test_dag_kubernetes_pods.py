@@ -68,7 +68,8 @@ def test_one_valid_pod_per_batch_with_the_right_args(airflow_db, shards, per_tas
     ids = [f"{i:08d}" for i in range(shards)]
     batches = batch_shards(ids, per_task, 1024)
     assert len(batches) == math.ceil(shards / per_task)
-    plan = plan_for({"captioner": "s3://models/blip-large", "num_captions": 4})
+    plan = plan_for({"captioner": "s3://models/blip-large", "num_captions": 4, "metadata": "s3://bucket/metadata/",
+                     "clip_from_metadata": "l14"})
     for stage in ("caption", "embed"):
         operator = dag.get_task(f"pod_batch.{stage}")
         seen = []
@@ -86,6 +87,8 @@ def test_one_valid_pod_per_batch_with_the_right_args(airflow_db, shards, per_tas
             assert args[:5] == [stage, plan["input"], plan["run"], "--shards", ",".join(batch)]
             assert args[args.index("--captioner") + 1] == "s3://models/blip-large"
             assert args[args.index("--num-captions") + 1] == "4"
+            assert args[args.index("--metadata") + 1] == "s3://bucket/metadata/"  # caption leaves the clip score to it
+            assert args[args.index("--clip-from-metadata") + 1] == "l14"
             assert args[args.index("--lease-owner") + 1] == "airflow/sieve_curation/manual__1"
             assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
             assert container["resources"]["requests"]["memory"] == "24Gi"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dags.dagrun_helpers import run_dag, states
+from tests.dags.dagrun_helpers import run_dag, states, xcoms
 
 pytestmark = pytest.mark.slow
 
@@ -93,3 +93,32 @@ def test_input_template_and_explicit_fraction(airflow_db, crawl, tmp_path, monke
     summary = json.loads((Path(os.environ["SIEVE_RUN_BASE"]) / "refilter" / "2026-03-04" / "manifest"
                           / "summary.json").read_text())
     assert summary["thresholds"]["rule"] == "fraction" and summary["counts"]["read"] == 16
+
+
+def test_two_days_with_the_caption_cache(airflow_db, tmp_path, monkeypatch):
+    """The Variable sieve_caption_cache is used by default; day 2 repeats day 1's photos under new keys, uids and
+    alt-texts, and its summary shows them as cache hits; the cache is compacted after each day."""
+    from sieve_tasks import cache_admin
+    from tests.shardmaker import write_photo_day
+
+    write_photo_day(tmp_path / "crawl" / "2026-04-01", "1", list(range(8)))
+    write_photo_day(tmp_path / "crawl" / "2026-04-02", "2", [0, 1, 2, 3, 4, 10, 11, 12])
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AIRFLOW_VAR_SIEVE_CRAWL_BASE", str(tmp_path))
+    monkeypatch.setenv("AIRFLOW_VAR_SIEVE_CAPTION_CACHE", str(cache))
+    summaries = []
+    for day in (datetime(2026, 4, 1, tzinfo=timezone.utc), datetime(2026, 4, 2, tzinfo=timezone.utc)):
+        dagrun = run_dag("sieve_refilter", {"profile": "test", "fraction": 0.5}, logical_date=day)
+        assert dagrun.state == "success", states(dagrun)
+        assert states(dagrun)[("compact_caption_cache", -1)] == "success"
+        summaries.append(json.loads((Path(os.environ["SIEVE_RUN_BASE"]) / "refilter" / day.strftime("%Y-%m-%d")
+                                     / "manifest" / "summary.json").read_text()))
+    first, second = (s["captioning"]["cache"] for s in summaries)
+    assert (first["hits"], first["misses"], first["written"]) == (0, 8, 8)
+    assert (second["hits"], second["misses"], second["written"]) == (5, 3, 3)
+    assert second["seconds_saved"] > 0
+    (reported,) = xcoms(dagrun, "compact_caption_cache")  # day 2's compaction reports size and hit rate
+    assert reported["fingerprints"][0]["hit_rate"] == 5 / 16 and reported["compaction"]["hit_logs_folded"] == 2
+    (stats,) = cache_admin.stats(str(cache))["fingerprints"]
+    assert stats["pending_hit_logs"] == 0 and stats["entries"] == 11 and stats["hits"] == 5
+    assert stats["files"] <= 16  # one per partition after compaction

@@ -1,10 +1,13 @@
 """Live Airflow: api-server + scheduler + dag-processor on 127.0.0.1 (SQLite, LocalExecutor). Trigger
-sieve_curation through the REST API, wait for it, then read the plugin's pages over HTTP."""
+sieve_curation through the REST API, wait for it, then read the plugin's pages over HTTP and in headless
+Chromium (Debian's package, driven by Playwright), logged in through Airflow's login form."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +22,11 @@ from tests.dags.airflow_env import DAGS, PLUGINS, VENV_BIN
 pytestmark = pytest.mark.slow
 PASSWORD = "sieve-test-password"
 RUN_TIMEOUT_S = 420
+ARTIFACTS = Path(os.environ.get("SIEVE_TEST_ARTIFACTS") or Path(__file__).resolve().parents[2] / "test-artifacts")
+CHROMIUM = os.environ.get("SIEVE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+# as the machine's browser probe starts it: no sandbox as root, and no calls home on a closed network
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
 
 
 def free_port() -> int:
@@ -102,7 +110,9 @@ def tail_logs(processes) -> str:
                      for _, log in processes)
 
 
-def test_trigger_by_rest_api_and_read_the_summary_over_http(live_airflow, demo_pool):
+@pytest.fixture(scope="module")
+def curated(live_airflow, demo_pool):
+    """One sieve_curation run of the demo pool, triggered through the REST API and finished."""
     import httpx
 
     base, logs = live_airflow["base"], live_airflow["logs"]
@@ -112,10 +122,6 @@ def test_trigger_by_rest_api_and_read_the_summary_over_http(live_airflow, demo_p
     while api.get("/api/v2/dags/sieve_curation").status_code != 200:
         assert time.monotonic() < deadline, "sieve_curation never appeared:\n" + logs()
         time.sleep(2)
-    plugins = api.get("/api/v2/plugins").json()["plugins"]
-    ours = [p for p in plugins if p["name"] == "sieve_summary"]
-    assert ours and {v["destination"] for v in ours[0]["external_views"]} == {"nav", "dag_run"}
-
     # the trigger form's validation also guards the REST API
     bad = api.post("/api/v2/dags/sieve_curation/dagRuns", json={"logical_date": None, "conf": {"score": "median"}})
     assert bad.status_code == 400, bad.text
@@ -134,17 +140,31 @@ def test_trigger_by_rest_api_and_read_the_summary_over_http(live_airflow, demo_p
     tis = api.get(f"/api/v2/dags/sieve_curation/dagRuns/{quote(run_id, safe='')}/taskInstances").json()
     assert state == "success", json.dumps([(t["task_id"], t["map_index"], t["state"]) for t in
                                            tis["task_instances"]]) + "\n" + logs()
+    return {"api": api, "run_id": run_id, "run_dir": run_dir, "task_instances": tis}
+
+
+def publish_link(api, run_id: str) -> str:
+    links = api.get(f"/api/v2/dags/sieve_curation/dagRuns/{quote(run_id, safe='')}/taskInstances/publish/links")
+    assert links.status_code == 200, links.text
+    return links.json()["extra_links"]["SIEVE summary"]
+
+
+def test_trigger_by_rest_api_and_read_the_summary_over_http(live_airflow, curated):
+    import httpx
+
+    base, api, run_id, run_dir = live_airflow["base"], curated["api"], curated["run_id"], curated["run_dir"]
+    plugins = api.get("/api/v2/plugins").json()["plugins"]
+    ours = [p for p in plugins if p["name"] == "sieve_summary"]
+    assert ours and {v["destination"] for v in ours[0]["external_views"]} == {"nav", "dag_run"}
+    tis = curated["task_instances"]
     named = {(t["task_id"], t["rendered_map_index"]) for t in tis["task_instances"]
              if t["task_id"] == "local_batch.caption"}
     assert named == {("local_batch.caption", "00000000"), ("local_batch.caption", "00000001")}
     assert (run_dir / "manifest" / "subset.npy").exists()
 
-    # the publish task's extra link points at the plugin page, which serves the summary
-    links = api.get(f"/api/v2/dags/sieve_curation/dagRuns/{quote(run_id, safe='')}/taskInstances/publish/links")
-    assert links.status_code == 200, links.text
-    link = links.json()["extra_links"]["SIEVE summary"]
-    assert link == f"{base}/sieve/run?uri={quote(str(run_dir), safe='')}"
-    page = api.get(link)
+    # the publish task's extra link opens the DAG run's report tab inside the UI; the plugin serves the report
+    assert publish_link(api, run_id) == f"{base}/dags/sieve_curation/runs/{quote(run_id, safe='')}/plugin/sieve-run-summary"
+    page = api.get(f"{base}/sieve/run?uri={quote(str(run_dir), safe='')}")
     assert page.status_code == 200 and "<th>kept</th><td class='n'>4</td>" in page.text
 
     # the DAG-run tab and the index, over HTTP, with the UI's cookie instead of a bearer token
@@ -153,7 +173,55 @@ def test_trigger_by_rest_api_and_read_the_summary_over_http(live_airflow, demo_p
     assert tab.status_code == 200 and str(run_dir) in tab.text
     summary = api.get("/sieve/api/run", params={"uri": str(run_dir)}).json()["summary"]
     assert summary == json.loads((run_dir / "manifest" / "summary.json").read_text())
+    assert summary["health"]["verdict"] == "healthy"  # a manual run may use the test profile
     assert httpx.get(f"{base}/sieve/api/run", params={"uri": str(run_dir)}).status_code == 401
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (scripts/setup installs Debian's "
+                                             "chromium where apt-get can; or set SIEVE_CHROMIUM)")
+def test_the_report_renders_inside_the_airflow_ui_in_a_real_browser(live_airflow, curated):
+    """Log in through Airflow's form, open the DAG run's "SIEVE report" tab: the report's histogram and
+    thumbnails load (natural sizes > 0) in the UI's iframe, nothing logs a console error; screenshots are kept."""
+    from playwright.sync_api import sync_playwright
+
+    base, run_id = live_airflow["base"], curated["run_id"]
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    errors: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": 1400, "height": 1000})
+            page = context.new_page()
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"{base}/auth/login")
+            page.get_by_label("Username").fill("admin")
+            page.get_by_label("Password").fill(PASSWORD)
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(re.compile(r"^(?!.*/auth/login).*$"))
+
+            page.goto(publish_link(curated["api"], run_id))  # the publish task's "SIEVE summary" link
+            page.wait_for_selector("iframe", timeout=60_000)
+            report = page.frame_locator("iframe").first
+            report.locator("#verdict").wait_for(timeout=60_000)
+            frame = next(f for f in page.frames if "/sieve/dag-runs/" in f.url)
+            frame.wait_for_load_state("load")
+            sizes = frame.eval_on_selector_all("img.histogram, img.thumb",
+                                               "els => els.map(e => [e.className, e.complete, e.naturalWidth])")
+            page.screenshot(path=str(ARTIFACTS / "report-in-airflow.png"))
+            report_page = context.new_page()  # the report alone, whole, for the README
+            report_page.set_viewport_size({"width": 1280, "height": 900})
+            report_page.goto(f"{base}/sieve/dag-runs/sieve_curation/{quote(run_id, safe='')}")
+            report_page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+            report_page.close()
+        finally:
+            browser.close()
+    histograms = [s for s in sizes if s[0] == "histogram"]
+    thumbs = [s for s in sizes if s[0] == "thumb"]
+    assert histograms and all(complete and width > 0 for _, complete, width in histograms), sizes
+    assert len(thumbs) == 16 and all(complete and width > 0 for _, complete, width in thumbs), sizes
+    assert errors == []
+    assert (ARTIFACTS / "report-in-airflow.png").stat().st_size > 10_000
 
 
 def test_backfill_create_of_two_days_one_empty(live_airflow, demo_pool, tmp_path):
@@ -182,9 +250,13 @@ def test_backfill_create_of_two_days_one_empty(live_airflow, demo_pool, tmp_path
     assert api.get("/api/v2/dags/sieve_refilter").json()["is_paused"] is True
     assert api.patch("/api/v2/dags/sieve_refilter", json={"is_paused": False}).status_code == 200
     conf = {"crawl_base": str(crawl), "thresholds_from": str(reference), "profile": "test"}
-    created = subprocess.run([str(VENV_BIN / "airflow"), "backfill", "create", "--dag-id", "sieve_refilter",
-                              "--from-date", "2026-01-01", "--to-date", "2026-01-02", "--dag-run-conf",
-                              json.dumps(conf)], env=live_airflow["env"], capture_output=True, text=True)
+    for _ in range(3):  # SQLite: the CLI's write can lose the database lock to a busy scheduler (one transaction)
+        created = subprocess.run([str(VENV_BIN / "airflow"), "backfill", "create", "--dag-id", "sieve_refilter",
+                                  "--from-date", "2026-01-01", "--to-date", "2026-01-02", "--dag-run-conf",
+                                  json.dumps(conf)], env=live_airflow["env"], capture_output=True, text=True)
+        if created.returncode == 0 or "database is locked" not in created.stdout + created.stderr:
+            break
+        time.sleep(5)
     assert created.returncode == 0, created.stdout + created.stderr
 
     deadline = time.monotonic() + RUN_TIMEOUT_S
@@ -205,3 +277,7 @@ def test_backfill_create_of_two_days_one_empty(live_airflow, demo_pool, tmp_path
     full, empty = task_states(by_day["2026-01-01"]), task_states(by_day["2026-01-02"])
     assert full["publish"] == "success", full
     assert set(empty.values()) == {"skipped"}, empty
+    # a backfill is not a manual run: the test profile there is a warning (published all the same)
+    day = json.loads((live_airflow["home"] / "sieve-runs" / "refilter" / "2026-01-01" / "manifest" / "summary.json")
+                     .read_text())
+    assert day["health"]["verdict"] == "warning" and day["health"]["findings"][0]["rule"] == "test_profile"

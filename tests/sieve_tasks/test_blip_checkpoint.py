@@ -28,6 +28,7 @@ from sieve_tasks.captioner import BlipCaptioner
 from sieve_tasks.models import Device
 from sieve_tasks.settings import CAPTION_SETTINGS, Settings
 from sieve_tasks.stages.caption import CaptionStage
+from tests.sieve_tasks.test_fast_blip import spread_weights
 
 CPU = Device.choose("cpu")
 
@@ -43,12 +44,7 @@ def tiny_blip(image_size: int) -> BlipForConditionalGeneration:
               "image_size": image_size, "patch_size": 32}
     torch.manual_seed(image_size)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, param[0].numel() ** -0.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
+    spread_weights(model)
     return model
 
 

@@ -29,7 +29,8 @@ def test_run_writes_every_output(test_profile_run):
 def test_summary_counts_add_up_and_say_test_profile(test_profile_run):
     summary = _summary(test_profile_run)
     counts = summary["counts"]
-    assert counts == {"read": 17, "scored": 16, "failed": 1, "duplicates": 0, "kept": counts["kept"]}
+    assert counts == {"read": 17, "scored": 16, "failed": 1, "duplicates": 0, "kept": counts["kept"],
+                      "expected": 17, "expected_unknown_shards": 0, "missing_from_tar": 0}
     assert counts["read"] == counts["scored"] + counts["failed"]
     assert summary["failed_by_reason"] == {"undecodable_image": 1}
     assert summary["profile"] == "test" and "TEST PROFILE" in summary["warning"]

@@ -45,14 +45,8 @@ def small():
               "image_size": 384, "patch_size": 32}
     torch.manual_seed(1)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
+    spread_weights(model)
     with torch.no_grad():
-        # BLIP's init (vision std 1e-10, text 0.02) leaves image features nearly constant and attention nearly
-        # uniform, which would hide attention bugs: use fan-in scaled weights so every path matters.
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.normal_(0.0, param[0].numel() ** -0.5)
-            elif name.endswith("bias"):
-                param.normal_(0.0, 0.1)
         model.text_decoder.cls.predictions.decoder.bias[102] += 2.5
     prompt = torch.tensor([[101, 1037, 3861, 1997, 102]])  # "[CLS] a picture of [SEP]"
     return model, prompt
@@ -240,3 +234,14 @@ def test_int8_decoder_samples_from_a_close_distribution(small):
     assert again.shape[0] == tokens.shape[0]
     self_variation = 0.5 * (reference - next_token_distributions(model, pixels, tokens, plen, cfg)[0]).abs().sum(-1)
     assert float(self_variation.max()) < 1e-5
+
+
+def spread_weights(model: torch.nn.Module) -> None:
+    """BLIP's init (vision std 1e-10, text 0.02) leaves image features nearly constant and attention nearly
+    uniform, which would hide attention bugs: fan-in scaled weights make every path matter."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, param[0].numel() ** -0.5)
+            elif name.endswith("bias"):
+                param.normal_(0.0, 0.1)

@@ -47,7 +47,8 @@ def pool_copy(sample_pool, tmp_path):
 def test_a_truncated_shard_accounts_for_every_sample_its_sidecar_lists(pool_copy, tmp_path, capsys):
     os.truncate(pool_copy / "00000001.tar", 5000)  # 9 samples listed; the first is cut, 8 are gone
     run = tmp_path / "run"
-    assert main(["run", str(pool_copy), str(run), *TEST_RUN]) == 0
+    assert main(["run", str(pool_copy), str(run), *TEST_RUN]) == 3  # published, with the verdict "failed"
+    assert _summary(run)["health"]["verdict"] == "failed" and not (run / "manifest" / "_SUCCESS").exists()
     counts, reasons = _summary(run)["counts"], _summary(run)["failed_by_reason"]
     assert counts["read"] == 17 and counts["expected"] == 17 and counts["expected_unknown_shards"] == 0
     assert reasons == {"missing_from_tar": 8, "truncated_tar": 1}
@@ -132,15 +133,18 @@ def _killed_after_rename(match: str, nth: int, args: list[str]) -> None:
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("stage", ["captions", "embeddings", "scores"])
-def test_change_a_setting_kill_after_rename_change_back(stage, sample_pool, test_profile_run, tmp_path):
-    """A shard's output renamed into place under another setting, killed before its marker: going back to the
-    first setting recomputes it (the marker matches, the data does not) and equals the uninterrupted run."""
+@pytest.mark.parametrize("written, other", [
+    ("/captions/00000000.parquet", ["--seed", "7"]),
+    ("/embeddings/00000000.parquet", ["--mask-mode", "word"]),
+    ("/scores/00000000.parquet", ["--mask-phrases", "long"]),
+    ("/thresholds.json", ["--fraction", "0.5"]),
+], ids=["captions", "embeddings", "scores", "aggregate"])
+def test_change_a_setting_kill_after_rename_change_back(written, other, sample_pool, test_profile_run, tmp_path):
+    """An output renamed into place under another setting, killed before its marker: going back to the first
+    setting recomputes it (the marker matches, the data does not) and equals the uninterrupted run."""
     run = tmp_path / "run"
     shutil.copytree(test_profile_run, run)
-    other = {"captions": ["--seed", "7"], "embeddings": ["--mask-mode", "word"], "scores": ["--mask-phrases", "long"]}
-    _killed_after_rename(f"/{stage}/00000000.parquet", 1,
-                         ["run", sample_pool, str(run), *TEST_RUN, "--overwrite", *other[stage]])
+    _killed_after_rename(written, 1, ["run", sample_pool, str(run), *TEST_RUN, "--overwrite", *other])
     assert main(["run", sample_pool, str(run), *TEST_RUN]) == 0
     _same_manifest(run, test_profile_run)
 
@@ -231,14 +235,20 @@ def test_non_finite_selection_is_refused(args, message, test_profile_run, capsys
     assert message in err and "Traceback" not in err
 
 
-def test_dag_params_refuse_nan_like_the_cli():
+@pytest.mark.parametrize("name, value", [("threshold", float("nan")), ("threshold", float("inf")),
+                                         ("fraction", float("nan")), ("weights", {"sieve": float("nan"), "clip": 0.5}),
+                                         ("weights", {"sieve": float("-inf"), "clip": 0.5})])
+def test_dag_params_refuse_non_finite_numbers_like_the_cli(name, value):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "dags"))
-    from sieve_airflow.planning import settings_options
+    from airflow.sdk.definitions.param import ParamValidationError
+    from sieve_airflow.params import selection_params
 
-    from sieve_tasks.settings import Settings
-
-    with pytest.raises(ValueError, match="finite"):
-        Settings(**settings_options({"threshold": float("nan")}))
+    param = selection_params()[name]
+    with pytest.raises(ParamValidationError):
+        param.resolve(value)
+    assert param.resolve({"sieve": 0.25, "clip": 0.75} if name == "weights" else 0.5) is not None
+    assert selection_params()[name].resolve(None if name != "weights" else {"sieve": 0.0, "clip": 1.0}) \
+        == (None if name != "weights" else {"sieve": 0.0, "clip": 1.0})
 
 
 # 7. Errors that name the cause ------------------------------------------------------------------------------

@@ -54,4 +54,5 @@ def test_models_load_from_an_s3_model_store(s3_server, sample_pool, tmp_path):
 
 def test_missing_model_store_is_a_clear_error(s3_server, sample_pool, tmp_path, capsys):
     assert main(["caption", sample_pool, str(tmp_path / "r"), "--captioner", "s3://sieve-test/models/absent"]) == 2
-    assert "model store prefix does not exist: s3://sieve-test/models/absent" in capsys.readouterr().err
+    assert ("captioner s3://sieve-test/models/absent is not available: s3://sieve-test/models/absent does not exist"
+            in capsys.readouterr().err)

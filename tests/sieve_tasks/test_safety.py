@@ -24,9 +24,20 @@ def test_open_clip_checkpoints_load_with_weights_only():
 
 def test_sql_takes_user_values_only_as_parameters():
     """f-strings that build SQL may only splice the fixed score-column expressions, never paths or params."""
-    for path in (SOURCE / "stages" / "aggregate.py", SOURCE / "stages" / "publish.py"):
+    for path in (SOURCE / "stages" / "aggregate.py", SOURCE / "stages" / "publish.py", *(SOURCE / "report").glob("*.py")):
         for fragment in re.findall(r'f"""(.*?)"""|f"(SELECT[^"]*)"', path.read_text(), re.S):
             spliced = re.findall(r"\{([^}]*)\}", "".join(fragment))
             allowed = {"expression", "columns", "bin_of", "', '.join(KEPT_COLUMNS)", "candidate_filter(selection)",
-                       "order"}
+                       "order", "candidate_filter(self.selection)", "side"}  # side, order: from samples.GRIDS
             assert set(spliced) <= allowed, (path, spliced)
+
+
+def test_joined_tables_splice_only_validated_names():
+    """tables.py splices view names (fixed prefixes + names matching EXTERNAL_NAME) and its own renamed columns;
+    a table's own column names reach DuckDB as ColumnExpression, paths as parameters or read_parquet arguments."""
+    text = (SOURCE / "tables.py").read_text()
+    statements = re.findall(r'execute\((f?"[^)]*)\)', text)
+    assert len(statements) >= 3
+    spliced = {name for statement in statements for name in re.findall(r"\{([^}]*)\}", statement)}
+    assert spliced <= {"', '.join([star] + added)", "joins"}, spliced
+    assert "dataset.to_batches(columns=sources" in text

@@ -1,6 +1,7 @@
 """Every bad-input case: recorded with a reason, the valid samples of the same shard still scored, and
 nothing written outside the run directory."""
 
+import json
 import os
 import tarfile
 
@@ -77,7 +78,10 @@ def hostile_run(hostile_pool):
     root, pool, _ = hostile_pool
     run = root / "run"
     before = set(os.listdir(root))
-    assert main(["run", str(pool), str(run), "--profile", "test", "--max-pixels", "50000000", "--no-progress"]) == 0
+    # every other sample here is broken on purpose: the health verdict (issue 13) is not what this file tests
+    tolerant = json.dumps({"failure_rate_warning": 1.0, "failure_rate_failed": 1.0})
+    assert main(["run", str(pool), str(run), "--profile", "test", "--max-pixels", "50000000", "--no-progress",
+                 "--health-rules", tolerant]) == 0
     assert set(os.listdir(root)) == before | {"run"}, "nothing may be written outside the run directory"
     return run
 

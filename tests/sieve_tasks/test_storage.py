@@ -99,3 +99,13 @@ def test_storage_options_reach_a_real_server_without_the_environment(s3_server, 
         assert storage.read_bytes("s3://sieve-test/options/x.bin") == b"payload"
         with storage.open_file("s3://sieve-test/options/x.bin") as handle:
             assert handle.read() == b"payload"
+
+
+def test_pool_threads_see_the_options_only_when_carried():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with storage.storage_options("s3", {"key": "task-key"}), ThreadPoolExecutor(2) as pool:
+        carried = list(pool.map(storage.carrying_options(lambda _: storage.current_options("s3")), range(4)))
+        bare = list(pool.map(lambda _: storage.current_options("s3"), range(4)))
+    assert carried == [{"key": "task-key"}] * 4
+    assert bare == [{}] * 4  # why the cache readers carry them

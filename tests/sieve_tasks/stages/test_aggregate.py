@@ -34,7 +34,9 @@ def write_scored_run(run, shards: dict[str, list[dict]]) -> None:
                        run / "scores" / f"{shard}.parquet")
         for stage in ("captions", "embeddings", "scores"):
             storage.write_json_atomic(marker_uri(str(run), stage, shard), {
-                "fingerprint": f"fixture-{shard}", "seconds": 1.0,
+                "stage": stage, "shard": shard, "fingerprint": f"fixture-{shard}", "seconds": 1.0,
+                "rows": len(full), "ok": sum(r["status"] == "ok" for r in full),
+                "failed": sum(r["status"] != "ok" for r in full),
                 "settings": {"captioner": "fixture", "captions": None, "text_encoder": "fixture", "clip": "fixture",
                              "clip_from_metadata": None}})
 
@@ -207,3 +209,22 @@ def test_fraction_rule_ignores_later_duplicates(tmp_path):
     assert result["selection"]["threshold"] == pytest.approx(values[3])
     kept = pq.read_table(publish(str(run))["manifest"]["kept.parquet"]).column("uid").to_pylist()
     assert kept == [uid(i) for i in range(6, 10)]
+
+
+def test_thresholds_keep_the_scan_histograms_of_every_score_used(tied_pool):
+    run, sieve, clip = tied_pool
+    result = aggregate(str(run), Settings(score="fused", weights={"sieve": 0.5, "clip": 0.5}, fraction=0.2,
+                                          clip="test:tiny-clip"))
+    histograms = json.loads((run / "thresholds.json").read_text())["histograms"]
+    assert histograms == result["histograms"] and set(histograms) == {"fused", "sieve", "clip"}
+    for name, values in (("sieve", sieve), ("clip", clip)):
+        h = histograms[name]
+        assert h["width"] == pytest.approx(2 / 256)
+        fine = np.minimum(np.floor((values + 1.0) * (1 << 19)).astype(int), (1 << 20) - 1)  # the scan's bins
+        coarse = np.bincount(fine // 4096)
+        first = int(np.flatnonzero(coarse)[0])
+        assert h["low"] == pytest.approx(-1 + first * h["width"]) and h["counts"] == coarse[first:].tolist()
+    assert sum(histograms["fused"]["counts"]) == 200 and histograms["fused"]["counts"][0] > 0
+
+    by_threshold = aggregate(str(run), Settings(threshold=0.5, clip="none", overwrite=True))
+    assert set(by_threshold["histograms"]) == {"sieve"} and sum(by_threshold["histograms"]["sieve"]["counts"]) == 200

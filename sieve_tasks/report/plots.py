@@ -1,0 +1,56 @@
+"""The report's plots, drawn with matplotlib into PNG data URIs. Figures are made without pyplot (no global
+backend or figure state, so importing the library changes nothing in a notebook). Same input, same bytes: the
+PNG carries no software or date metadata, so a re-published report is byte-identical."""
+
+from __future__ import annotations
+
+import base64
+import io
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+SCORE_LABELS = {"sieve": "SIEVE score", "clip": "CLIP score", "fused": "fused score"}
+COLOURS = {"kept": "#16a34a", "dropped": "#9ca3af", "line": "#dc2626"}
+
+
+def _png(figure: Figure) -> str:
+    out = io.BytesIO()
+    figure.savefig(out, format="png", dpi=100, metadata={"Software": None})
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode("ascii")
+
+
+def histogram_png(score: str, histogram: dict[str, Any], threshold: float | None) -> str:
+    """Bars of a thresholds.json histogram; with ``threshold`` (the selected score) bars at or above it are green
+    and the bar is marked."""
+    counts = np.asarray(histogram["counts"], float)
+    edges = histogram["low"] + histogram["width"] * np.arange(len(counts) + 1)
+    figure = Figure(figsize=(6.4, 2.6), layout="constrained")
+    axes = figure.subplots()
+    colours = [COLOURS["kept"] if threshold is not None and left + histogram["width"] > threshold else COLOURS["dropped"]
+               for left in edges[:-1]]
+    axes.bar(edges[:-1], counts, width=histogram["width"], align="edge", color=colours, linewidth=0)
+    if threshold is not None:
+        axes.axvline(threshold, color=COLOURS["line"], linewidth=1.5, label=f"threshold {threshold:.4g}")
+        axes.legend(loc="best", frameon=False)
+    axes.set_xlabel(SCORE_LABELS.get(score, score))
+    axes.set_ylabel("samples")
+    axes.spines[["top", "right"]].set_visible(False)
+    return _png(figure)
+
+
+def trend_png(days: list[str], kept_fraction: list[float], mean_score: list[float | None]) -> str:
+    """Kept fraction and mean selected score per day (the daily refilter's runs)."""
+    figure = Figure(figsize=(6.4, 3.2), layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    positions = np.arange(len(days))
+    top.plot(positions, [100 * k for k in kept_fraction], marker="o", color=COLOURS["kept"])
+    top.set_ylabel("kept %")
+    bottom.plot(positions, [np.nan if m is None else m for m in mean_score], marker="o", color="#2563eb")
+    bottom.set_ylabel("mean score")
+    step = max(1, len(days) // 8)
+    bottom.set_xticks(positions[::step], [days[i] for i in positions[::step]], rotation=30, ha="right")
+    for axes in (top, bottom):
+        axes.spines[["top", "right"]].set_visible(False)
+    return _png(figure)
