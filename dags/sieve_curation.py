@@ -10,6 +10,7 @@ from airflow.sdk import Param, dag, task
 from sieve_airflow.params import execution_params, model_params, selection_params
 from sieve_airflow.notifications import HEALTH_WARNING_NOTIFIERS
 from sieve_airflow.pipeline import build_pipeline, default_run_uri, plan_run
+from sieve_airflow.planning import retry_delay
 
 DOC = """
 ### SIEVE curation
@@ -39,7 +40,7 @@ else `$AIRFLOW_HOME/sieve-runs`). The *SIEVE summary* link on **publish** opens 
     max_active_runs=4,
     tags=["sieve", "curation", "datacomp"],
     doc_md=DOC,
-    default_args={"owner": "data-curation", "retries": 2, "retry_delay": timedelta(minutes=2),
+    default_args={"owner": "data-curation", "retries": 2, "retry_delay": retry_delay(timedelta(minutes=2)),
                   "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(minutes=30)},
     params={
         "input": Param(type="string", minLength=1, title="Input shards", section="Data",

@@ -117,7 +117,7 @@ class CaptionCache:
             files = []
         new = [uri for uri in files if uri not in self._keys]
         with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cache-read") as pool:
-            for uri, keys in zip(new, pool.map(lambda u: _guarded(read_keys, u), new)):
+            for uri, keys in zip(new, pool.map(storage.carrying_options(lambda u: _guarded(read_keys, u)), new)):
                 if isinstance(keys, np.ndarray):
                     self._keys[uri] = keys
                 elif keys is not None:  # unreadable (a vanished file, merged away by a compaction, is not counted)
@@ -190,7 +190,7 @@ class CacheIndex:
         keys = np.array([prefix_key(d) for d in wanted], np.uint64)
         jobs = [(uri, rows) for uri, file_keys in self.keys_by_file.items() if len(rows := _rows_of(file_keys, keys))]
         with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="cache-read") as pool:
-            results = pool.map(lambda job: _guarded(_read_rows, job[0], job[1], wanted), jobs)
+            results = pool.map(storage.carrying_options(lambda job: _guarded(_read_rows, job[0], job[1], wanted)), jobs)
             for (uri, _), result in zip(jobs, results):
                 if isinstance(result, dict):
                     for digest, cached in result.items():

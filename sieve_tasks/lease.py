@@ -11,6 +11,7 @@ instant exactly one wins. A store that ignores conditional writes is detected on
 write-then-re-read check, with a warning that it cannot be exact.
 """
 
+import contextvars
 import getpass
 import json
 import logging
@@ -78,22 +79,24 @@ def _confirmed(uri: str, owner: str, exact: bool, created: bool) -> bool:
     return created
 
 
-_CONDITIONAL_WRITES: dict[str, bool] = {}
+_CONDITIONAL_WRITES: dict[tuple[str | None, str], bool] = {}
 
 
 def _conditional_writes_work(run: str) -> bool:
     """Whether the run's store refuses a second ``If-None-Match: *`` create (probed once per bucket)."""
     if storage.is_local(run):
         return True
-    bucket = storage.filesystem(run)[1].split("/", 1)[0]
+    # per endpoint and bucket: tasks of one worker may use different object stores
+    bucket = (storage.current_options("s3").get("endpoint_url"), storage.filesystem(run)[1].split("/", 1)[0])
     if bucket not in _CONDITIONAL_WRITES:
         probe = storage.join(run, f"_lease.probe-{uuid.uuid4().hex}")
         storage.write_if(probe, b"1", None)
         try:
             storage.write_if(probe, b"2", None)
             _CONDITIONAL_WRITES[bucket] = False
-            log.warning("bucket %s ignores conditional writes: the run lease falls back to write-then-check, "
-                        "which two writers starting within the same second can both pass", bucket)
+            log.warning("bucket %s (endpoint %s) ignores conditional writes: the run lease falls back to "
+                        "write-then-check, which two writers starting within the same second can both pass",
+                        bucket[1], bucket[0] or "default")
         except storage.PreconditionFailed:
             _CONDITIONAL_WRITES[bucket] = True
         finally:
@@ -147,7 +150,8 @@ def hold(run: str, owner: str | None = None, ttl: float = DEFAULT_TTL_SECONDS, r
             except Exception:  # a renewal that fails leaves the lease to expire; the work itself goes on
                 log.warning("renewing the lease on %s failed", run, exc_info=True)
 
-    thread = threading.Thread(target=renew, name="sieve-lease", daemon=True)
+    # the block's storage options (credentials) go with the renewal thread
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(renew,), name="sieve-lease", daemon=True)
     thread.start()
     failed = True
     try:

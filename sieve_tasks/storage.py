@@ -7,6 +7,7 @@ never sees a partial object), which is what lets completion markers make reruns 
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import fcntl
 import hashlib
@@ -16,12 +17,12 @@ import re
 import posixpath
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
-from fsspec.core import url_to_fs
+from fsspec.core import split_protocol, url_to_fs
 from fsspec.spec import AbstractFileSystem
 
 
@@ -33,6 +34,9 @@ S3_DEFAULTS = {
     "config_kwargs": {"retries": {"max_attempts": 6, "mode": "standard"}, "connect_timeout": 10, "read_timeout": 60},
 }
 fsspec.config.conf.setdefault("s3", copy.deepcopy(S3_DEFAULTS))  # botocore edits the dict it is given
+
+
+R = TypeVar("R")
 
 
 class StorageError(OSError):
@@ -54,9 +58,48 @@ def naming(action: str, uri: str, errors: tuple[type[BaseException], ...] = (Exc
         raise StorageError(f"{action} {uri} failed: {type(exc).__name__}: {exc}") from exc
 
 
+#: fsspec options per protocol for the current context (see :func:`storage_options`); a ContextVar, so each
+#: thread and each asyncio task sees its own: concurrent tasks in one worker never share credentials.
+_OPTIONS: contextvars.ContextVar[Mapping[str, Mapping[str, Any]]] = contextvars.ContextVar(
+    "sieve_storage_options", default={})
+
+
+@contextmanager
+def storage_options(protocol: str, options: Mapping[str, Any]) -> Iterator[None]:
+    """Open every ``protocol`` URI in this block with these fsspec options (e.g. s3fs ``key``, ``secret``,
+    ``endpoint_url``) instead of the process environment's. Threads started inside the block see them only
+    when started with :func:`contextvars.copy_context` (as the lease renewal is)."""
+    token = _OPTIONS.set({**_OPTIONS.get(), protocol: dict(options)})
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)
+
+
+def carrying_options(fn: Callable[..., R]) -> Callable[..., R]:
+    """``fn`` called with this context's storage options from whichever thread runs it (the workers of a
+    ``ThreadPoolExecutor`` do not inherit context variables)."""
+    options = _OPTIONS.get()
+
+    def call(*args: Any, **kwargs: Any) -> R:
+        token = _OPTIONS.set(options)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _OPTIONS.reset(token)
+
+    return call
+
+
+def current_options(protocol: str) -> dict[str, Any]:
+    """The options :func:`storage_options` set for ``protocol`` in this context (empty: the environment's)."""
+    return dict(_OPTIONS.get().get(protocol, {}))
+
+
 def filesystem(uri: str) -> tuple[AbstractFileSystem, str]:
-    """The fsspec filesystem serving ``uri`` and the path inside it (AWS settings from the environment)."""
-    return url_to_fs(uri)
+    """The fsspec filesystem serving ``uri`` and the path inside it: options from :func:`storage_options`,
+    else the environment (AWS variables and config files). fsspec caches one instance per set of options."""
+    return url_to_fs(uri, **current_options(split_protocol(uri)[0] or "file"))
 
 
 def is_local(uri: str) -> bool:
@@ -335,7 +378,8 @@ def iter_inputs(spec: str) -> Iterable[str]:
 
 def open_file(uri: str, mode: str = "rb"):
     with naming("opening", uri):
-        return fsspec.open(uri, mode).open()
+        fs, path = filesystem(uri)
+        return fs.open(path, mode)
 
 
 def read_parquet(uri: str, columns: list[str] | None = None):

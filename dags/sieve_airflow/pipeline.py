@@ -21,6 +21,7 @@ from sieve_airflow.planning import (
     lease_owner,
     sanitize_run_id,
     settings_options,
+    unshared_paths_warning,
 )
 
 log = logging.getLogger(__name__)
@@ -33,42 +34,42 @@ RUN_BASE_VARIABLE = "sieve_run_base"
 HEALTH_RULES_VARIABLE = "sieve_health_rules"
 
 
+def accelerator_queue() -> dict[str, str]:
+    """Where local mode's caption and embed tasks go: the Celery queue that the GPU nodes' workers listen to
+    (env ``SIEVE_GPU_QUEUE`` where the DAGs are parsed), else Airflow's default queue."""
+    queue = os.environ.get("SIEVE_GPU_QUEUE")
+    return {"queue": queue} if queue else {}
+
+
 @contextmanager
 def object_store(conn_id: str | None) -> Iterator[None]:
-    """Expose an Airflow AWS connection to ``sieve_tasks.storage`` for the block.
+    """Open ``s3://`` URIs in the block with an Airflow AWS connection's credentials and endpoint.
 
-    The storage layer (fsspec/s3fs/boto) reads the standard AWS variables; they are set from the
-    connection (login/password, extra ``endpoint_url``, ``region_name``, ``aws_session_token``) and
-    restored afterwards. Without a connection id the worker's own AWS environment applies.
+    They are handed to ``sieve_tasks.storage`` as fsspec options for this context only: the worker's
+    environment is left alone, so concurrent tasks of one worker never see each other's credentials.
+    Without a connection id the worker's own AWS environment applies.
     """
+    from sieve_tasks.storage import storage_options
+
     if not conn_id:
         yield
         return
+    with storage_options("s3", s3_options(conn_id)):
+        yield
+
+
+def s3_options(conn_id: str) -> dict[str, Any]:
+    """s3fs options from an AWS connection (login/password, extra ``aws_session_token``, ``endpoint_url``,
+    ``region_name``), read the way the Amazon provider reads them."""
+    from airflow.providers.amazon.aws.utils.connection_wrapper import AwsConnectionWrapper
     from airflow.sdk import BaseHook
 
-    connection = BaseHook.get_connection(conn_id)
-    extra = connection.extra_dejson
-    values = {"AWS_ACCESS_KEY_ID": connection.login, "AWS_SECRET_ACCESS_KEY": connection.password,
-              "AWS_SESSION_TOKEN": extra.get("aws_session_token"), "AWS_ENDPOINT_URL": extra.get("endpoint_url"),
-              "AWS_DEFAULT_REGION": extra.get("region_name")}
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update({name: value for name, value in values.items() if value})
-    _forget_cached_filesystems()
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        _forget_cached_filesystems()
-
-
-def _forget_cached_filesystems() -> None:
-    import fsspec
-
-    fsspec.get_filesystem_class("s3").clear_instance_cache()
+    wrapper = AwsConnectionWrapper(BaseHook.get_connection(conn_id))
+    options: dict[str, Any] = {"key": wrapper.aws_access_key_id, "secret": wrapper.aws_secret_access_key,
+                               "token": wrapper.aws_session_token, "endpoint_url": wrapper.endpoint_url}
+    if wrapper.region_name:
+        options["client_kwargs"] = {"region_name": wrapper.region_name}
+    return {name: value for name, value in options.items() if value}
 
 
 @contextmanager
@@ -157,9 +158,8 @@ def plan_run(params: dict[str, Any], input_spec: str, run: str, *, skip_if_empty
     max_map_length = conf.getint("core", "max_map_length", fallback=1024)
     batches = batch_shards([s.shard_id for s in shards], int(params.get("shards_per_task") or 1), max_map_length)
     mode = params.get("mode", "local")
-    if mode == "kubernetes" and any("://" not in uri or uri.startswith("file://") for uri in (input_spec, run)):
-        log.warning("kubernetes mode with a local input or run directory (%s, %s): pods only see it if the "
-                    "same path is mounted in them; prefer s3:// for both", input_spec, run)
+    if warning := unshared_paths_warning(mode, conf.get("core", "executor", fallback=""), input_spec, run):
+        log.warning(warning)
     if settings.profile == "test":
         from sieve_tasks.stages.publish import TEST_PROFILE_WARNING
 
@@ -199,9 +199,10 @@ def run_stage(stage: str, batch: list[str], plan: dict[str, Any]) -> list[dict[s
 
 @task_group(group_id=LOCAL_GROUP)
 def local_batch(batch: list[str], plan: dict[str, Any]) -> None:
-    """caption → embed → score for one batch of shards, on the Airflow worker."""
-    caption = run_stage.override(task_id="caption")(stage="caption", batch=batch, plan=plan)
-    embed = run_stage.override(task_id="embed")(stage="embed", batch=batch, plan=plan)
+    """caption → embed → score for one batch of shards, on Airflow workers (caption and embed on the
+    accelerator queue when one is configured)."""
+    caption = run_stage.override(task_id="caption", **accelerator_queue())(stage="caption", batch=batch, plan=plan)
+    embed = run_stage.override(task_id="embed", **accelerator_queue())(stage="embed", batch=batch, plan=plan)
     score = run_stage.override(task_id="score")(stage="score", batch=batch, plan=plan)
     caption >> embed >> score
 

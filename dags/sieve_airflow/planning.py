@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from datetime import timedelta
 from typing import Any
 
 #: Param name → ``sieve_tasks.settings.Settings`` field, for every option the trigger form exposes.
@@ -150,3 +151,33 @@ def stage_arguments(stage: str, input_spec: str, run: str, shard_ids: list[str],
     if owner:
         args += ["--lease-owner", owner]
     return args
+
+
+#: Executors whose tasks all run on the scheduler's machine, which therefore shares its local disk.
+ONE_MACHINE_EXECUTORS = {"LocalExecutor", "SequentialExecutor"}
+
+
+def unshared_paths_warning(mode: str, executor: str, input_spec: str, run: str) -> str | None:
+    """Why a local input or run directory may not be seen by every process that needs it, or None.
+
+    Pods (kubernetes mode) and the workers of a distributed executor (``core.executor``, e.g. Celery, possibly
+    a comma-separated list) run on other machines: a local path there is another disk, or none.
+    """
+    local = [uri for uri in (input_spec, run) if "://" not in uri or uri.startswith("file://")]
+    if not local:
+        return None
+    executors = {name.strip().split(":")[-1].split(".")[-1] for name in executor.split(",") if name.strip()}
+    if mode == "kubernetes":
+        where = "pods only see it if the same path is mounted in them"
+    elif not executors <= ONE_MACHINE_EXECUTORS:
+        where = f"workers of {executor} on other hosts only see it if the same path is mounted on them"
+    else:
+        return None
+    return f"local path(s) {', '.join(local)} with mode={mode}: {where}; prefer s3:// for input and run"
+
+
+def retry_delay(default: timedelta) -> timedelta:
+    """The delay before a task's first retry: env ``SIEVE_RETRY_DELAY_SECONDS`` where the DAGs are parsed
+    (a test setup that kills workers retries in seconds), else ``default``."""
+    seconds = os.environ.get("SIEVE_RETRY_DELAY_SECONDS")
+    return timedelta(seconds=float(seconds)) if seconds else default

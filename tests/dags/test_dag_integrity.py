@@ -66,6 +66,30 @@ def test_curation_graph(dagbag):
         assert isinstance(dag.task_group_dict[group], MappedTaskGroup)
 
 
+@pytest.mark.parametrize("gpu_queue", ["gpu", None])
+def test_caption_and_embed_go_to_the_accelerator_queue(gpu_queue):
+    """SIEVE_GPU_QUEUE where the DAGs are parsed routes local mode's caption and embed (not score) to it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.path.append(%r);"
+        "from airflow.dag_processing.dagbag import BundleDagBag;"
+        "from pathlib import Path;"
+        "b = BundleDagBag(dag_folder=%r, bundle_path=Path(%r), bundle_name='dags-folder');"
+        "d = b.dags['sieve_curation'];"
+        "print([d.get_task(t).queue for t in ('local_batch.caption', 'local_batch.embed', 'local_batch.score')])"
+    ) % (str(DAGS), str(DAGS), str(DAGS))
+    env = {k: v for k, v in os.environ.items() if k != "SIEVE_GPU_QUEUE"}
+    if gpu_queue:
+        env["SIEVE_GPU_QUEUE"] = gpu_queue
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    default = "default"
+    expected = [gpu_queue or default, gpu_queue or default, default]
+    assert out.stdout.strip().splitlines()[-1] == str(expected)
+
+
 def test_param_defaults_match_the_library(dagbag):
     from sieve_tasks import models
     from sieve_tasks.settings import Settings
@@ -237,3 +261,27 @@ def _assert_named_before_it_runs(template: str, owner: str) -> None:
         task = types.SimpleNamespace(op_kwargs={"batch": ids}, shard_ids=ids)
         rendered = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(template).render(task=task)
         assert rendered == batch_label(ids), (owner, ids)
+
+
+def test_local_paths_are_flagged_where_other_machines_need_them():
+    from sieve_airflow.planning import unshared_paths_warning
+
+    assert unshared_paths_warning("local", "LocalExecutor", "/data/pool", "/data/run") is None
+    assert unshared_paths_warning("local", "CeleryExecutor", "s3://b/pool", "s3://b/run") is None
+    celery = unshared_paths_warning("local", "CeleryExecutor", "s3://b/pool", "/data/run")
+    assert celery and "/data/run" in celery and "s3://b/pool" not in celery
+    assert unshared_paths_warning("local", "LocalExecutor,CeleryExecutor", "/data/pool", "s3://b/run")
+    assert unshared_paths_warning(
+        "local", "airflow.providers.celery.executors.celery_executor.CeleryExecutor", "/p", "s3://b/r")
+    assert "pods" in unshared_paths_warning("kubernetes", "LocalExecutor", "file:///p", "s3://b/r")
+
+
+def test_retry_delay_is_configurable_where_the_dags_are_parsed(monkeypatch):
+    from datetime import timedelta
+
+    from sieve_airflow.planning import retry_delay
+
+    monkeypatch.delenv("SIEVE_RETRY_DELAY_SECONDS", raising=False)
+    assert retry_delay(timedelta(minutes=2)) == timedelta(minutes=2)
+    monkeypatch.setenv("SIEVE_RETRY_DELAY_SECONDS", "5")
+    assert retry_delay(timedelta(minutes=2)) == timedelta(seconds=5)

@@ -39,3 +39,22 @@ def _manifest(run):
     from pathlib import Path
 
     return Path(run) / "manifest"
+
+
+def test_connection_credentials_stay_out_of_the_process_environment(airflow_db, monkeypatch):
+    import os
+
+    from sieve_airflow.pipeline import object_store
+    from sieve_tasks import storage
+
+    connection = {"conn_type": "aws", "login": "AKIA-A", "password": "secret-a",
+                  "extra": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu-west-1",
+                            "aws_session_token": "token-a"}}
+    monkeypatch.setenv("AIRFLOW_CONN_SIEVE_S3_A", json.dumps(connection))
+    environment = dict(os.environ)
+    with object_store("sieve_s3_a"):
+        assert storage.current_options("s3") == {"key": "AKIA-A", "secret": "secret-a", "token": "token-a",
+                                                 "endpoint_url": "http://127.0.0.1:9000",
+                                                 "client_kwargs": {"region_name": "eu-west-1"}}
+        assert dict(os.environ) == environment
+    assert storage.current_options("s3") == {}

@@ -112,6 +112,8 @@ def test_airflow_versions_match_pyproject():
     assert args["AIRFLOW_VERSION"] == AIRFLOW_EXTRA["apache-airflow"]
     assert args["CNCF_KUBERNETES_PROVIDER_VERSION"] == AIRFLOW_EXTRA["apache-airflow-providers-cncf-kubernetes"]
     assert args["AMAZON_PROVIDER_VERSION"] == AIRFLOW_EXTRA["apache-airflow-providers-amazon"]
+    assert args["CELERY_PROVIDER_VERSION"] == AIRFLOW_EXTRA["apache-airflow-providers-celery"]
+    assert args["CELERY_VERSION"] == AIRFLOW_EXTRA["celery"]
     assert args["TORCH_VERSION"] == DEPENDENCIES["torch"]
     assert args["TORCHVISION_VERSION"] == DEPENDENCIES["torchvision"]
     assert args["PYTHON_VERSION"] == "3.11"
@@ -133,8 +135,17 @@ def test_installed_environment_matches_the_pins():
         assert version(name).split("+")[0] == pinned, name
 
 
+COMPOSE = yaml.safe_load((DOCKER / "docker-compose.yaml").read_text())
+
+
+def resolve(value: str, env: dict[str, str] | None = None) -> str:
+    """Compose's ``${NAME:-default}`` / ``${NAME}`` interpolation against ``env``."""
+    env = env or {}
+    return re.sub(r"\$\{(\w+)(?::-([^}]*))?\}", lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
+
+
 def test_compose_runs_airflow_on_postgres_with_the_built_images():
-    compose = yaml.safe_load((DOCKER / "docker-compose.yaml").read_text())
+    compose = COMPOSE
     services = compose["services"]
     assert services["postgres"]["image"].startswith("postgres:")
     assert "healthcheck" in services["postgres"]
@@ -144,7 +155,8 @@ def test_compose_runs_airflow_on_postgres_with_the_built_images():
         env = service["environment"]
         assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql+psycopg2://")
         assert "@postgres:" in env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
-        assert env["AIRFLOW__CORE__EXECUTOR"] == "LocalExecutor"
+        assert resolve(env["AIRFLOW__CORE__EXECUTOR"]) == "LocalExecutor"  # the simple setup by default
+        assert "profiles" not in service
         assert service["depends_on"]["postgres"]["condition"] == "service_healthy"
         build = service["build"]
         assert (DOCKER / build["context"] / build["dockerfile"]).resolve() == DOCKERFILES["airflow"]
@@ -157,3 +169,35 @@ def test_compose_runs_airflow_on_postgres_with_the_built_images():
     default_config = json.loads((REPO / "dags" / "sieve_airflow" / "kubernetes.json").read_text())
     assert default_config["image"] == worker["image"]
     assert default_config["image"].endswith(f":{VERSION}")
+
+
+def test_compose_celery_profile_adds_redis_workers_and_flower():
+    services = COMPOSE["services"]
+    simple = {name for name, service in services.items() if "profiles" not in service}
+    assert not simple & {"redis", "airflow-worker", "airflow-worker-gpu", "flower"}  # plain `up` stays simple
+    assert services["redis"]["profiles"] == ["celery"] and "healthcheck" in services["redis"]
+    env = services["airflow-scheduler"]["environment"]
+    assert resolve(env["AIRFLOW__CORE__EXECUTOR"], {"SIEVE_EXECUTOR": "CeleryExecutor"}) == "CeleryExecutor"
+    assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://redis:")
+    assert env["AIRFLOW__CELERY__RESULT_BACKEND"].startswith("db+postgresql+psycopg2://")
+    assert "@postgres:" in env["AIRFLOW__CELERY__RESULT_BACKEND"]
+
+    cpu, gpu = services["airflow-worker"], services["airflow-worker-gpu"]
+    assert cpu["profiles"] == ["celery"] and gpu["profiles"] == ["gpu"]
+    assert cpu["command"][:2] == gpu["command"][:2] == ["celery", "worker"]
+    assert cpu["command"][cpu["command"].index("--queues") + 1] == "default"
+    assert int(resolve(str(cpu["deploy"]["replicas"]))) >= 2
+    # the GPU worker listens to the queue the DAGs route caption and embed to
+    gpu_queue = gpu["command"][gpu["command"].index("--queues") + 1]
+    for queue in ("gpu", "a100"):
+        configured = {"SIEVE_GPU_QUEUE": queue}
+        assert resolve(gpu_queue, configured) == resolve(env["SIEVE_GPU_QUEUE"], configured) == queue
+    assert resolve(env["SIEVE_GPU_QUEUE"]) == ""  # unset: caption and embed stay on the default queue
+    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert gpu["build"]["args"]["TORCH_INDEX"].startswith("cu")
+    assert (DOCKER / gpu["build"]["context"] / gpu["build"]["dockerfile"]).resolve() == DOCKERFILES["airflow"]
+    for worker in (cpu, gpu):  # each worker its own model cache: no shared sieve-cache volume
+        assert not any("sieve-cache" in volume for volume in worker["volumes"])
+        assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+        assert worker["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
+    assert services["flower"]["profiles"] == ["flower"] and services["flower"]["command"] == ["celery", "flower"]

@@ -51,3 +51,20 @@ def test_hold_renews_and_releases(tmp_path):
         with pytest.raises(lease.LeaseHeld):
             lease.acquire(run, "intruder", ttl=0.4)
     assert not (tmp_path / "run" / "_lease.json").exists()
+
+
+def test_renewals_use_the_storage_options_of_the_block(tmp_path, monkeypatch):
+    """The renewal thread writes with the credentials of the task that holds the lease, not the environment's."""
+    from sieve_tasks import storage
+
+    renewed_with = []
+    acquire = lease.acquire
+
+    def recording_acquire(run, owner, ttl=lease.DEFAULT_TTL_SECONDS):
+        renewed_with.append(storage.current_options("s3"))
+        return acquire(run, owner, ttl)
+
+    monkeypatch.setattr(lease, "acquire", recording_acquire)
+    with storage.storage_options("s3", {"key": "task-key"}), lease.hold(str(tmp_path / "run"), "holder", ttl=0.2):
+        time.sleep(0.3)
+    assert len(renewed_with) >= 2 and all(options == {"key": "task-key"} for options in renewed_with)

@@ -55,3 +55,57 @@ def test_discover_shards_errors(tmp_path):
     (tmp_path / "b" / "00000000.tar").write_bytes(b"")
     with pytest.raises(ValueError, match="share the id"):
         discover_shards(f"{tmp_path}/a {tmp_path}/b")
+
+
+def test_concurrent_contexts_each_see_their_own_storage_options():
+    """Two tasks of one worker (threads) with different credentials, inside their blocks at the same time."""
+    import threading
+
+    environment = dict(os.environ)
+    both_inside = threading.Barrier(2)
+    seen: dict[str, dict] = {}
+
+    def task(name: str) -> None:
+        with storage.storage_options("s3", {"key": f"key-{name}", "secret": f"secret-{name}",
+                                            "endpoint_url": f"http://{name}.invalid"}):
+            both_inside.wait(timeout=10)
+            fs, path = storage.filesystem("s3://bucket/run/x.json")
+            seen[name] = {"options": storage.current_options("s3"), "key": fs.key,
+                          "endpoint": fs.client_kwargs.get("endpoint_url") or fs.endpoint_url, "path": path}
+            both_inside.wait(timeout=10)
+        seen[name + "-after"] = storage.current_options("s3")
+
+    threads = [threading.Thread(target=task, args=(name,)) for name in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for name in ("a", "b"):
+        assert seen[name]["options"]["key"] == seen[name]["key"] == f"key-{name}"
+        assert seen[name]["endpoint"] == f"http://{name}.invalid"
+        assert seen[name]["path"] == "bucket/run/x.json"
+        assert seen[name + "-after"] == {}
+    assert dict(os.environ) == environment  # nothing went through the process environment
+    assert storage.current_options("s3") == {}
+
+
+def test_storage_options_reach_a_real_server_without_the_environment(s3_server, monkeypatch):
+    storage.write_bytes_atomic("s3://sieve-test/options/x.bin", b"payload")
+    options = {"key": "test", "secret": "test", "endpoint_url": s3_server,
+               "client_kwargs": {"region_name": "us-east-1"}}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # the environment leads nowhere
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+    with storage.storage_options("s3", options):
+        assert storage.read_bytes("s3://sieve-test/options/x.bin") == b"payload"
+        with storage.open_file("s3://sieve-test/options/x.bin") as handle:
+            assert handle.read() == b"payload"
+
+
+def test_pool_threads_see_the_options_only_when_carried():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with storage.storage_options("s3", {"key": "task-key"}), ThreadPoolExecutor(2) as pool:
+        carried = list(pool.map(storage.carrying_options(lambda _: storage.current_options("s3")), range(4)))
+        bare = list(pool.map(lambda _: storage.current_options("s3"), range(4)))
+    assert carried == [{"key": "task-key"}] * 4
+    assert bare == [{}] * 4  # why the cache readers carry them
