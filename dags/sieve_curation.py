@@ -10,7 +10,7 @@ from airflow.sdk import Param, dag, task
 from sieve_airflow.params import execution_params, model_params, selection_params
 from sieve_airflow.notifications import HEALTH_WARNING_NOTIFIERS
 from sieve_airflow.pipeline import build_pipeline, default_run_uri, plan_run
-from sieve_airflow.planning import retry_delay
+from sieve_airflow.planning import TEMPLATE_FILTERS, retry_delay
 
 DOC = """
 ### SIEVE curation
@@ -39,6 +39,7 @@ else `$AIRFLOW_HOME/sieve-runs`). The *SIEVE summary* link on **publish** opens 
     catchup=False,
     max_active_runs=4,
     tags=["sieve", "curation", "datacomp"],
+    user_defined_filters=TEMPLATE_FILTERS,
     doc_md=DOC,
     default_args={"owner": "data-curation", "retries": 2, "retry_delay": retry_delay(timedelta(minutes=2)),
                   "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(minutes=30)},

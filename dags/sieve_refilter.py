@@ -13,7 +13,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from sieve_airflow.params import execution_params, model_params, selection_params
 from sieve_airflow.notifications import HEALTH_WARNING_NOTIFIERS
 from sieve_airflow.pipeline import build_pipeline, object_store, plan_run, run_base
-from sieve_airflow.planning import join_uri, retry_delay
+from sieve_airflow.planning import TEMPLATE_FILTERS, join_uri, retry_delay
 
 CRAWL_BASE_VARIABLE = "sieve_crawl_base"
 REFERENCE_VARIABLE = "sieve_reference_run"
@@ -52,6 +52,7 @@ for *cache_retention_days* days; the summary shows hits, misses and the captioni
     is_paused_upon_creation=True,  # nothing to curate until the crawl base is configured: unpause after that
     max_active_runs=2,
     tags=["sieve", "refilter", "datacomp"],
+    user_defined_filters=TEMPLATE_FILTERS,
     doc_md=DOC,
     default_args={"owner": "data-curation", "retries": 2, "retry_delay": retry_delay(timedelta(minutes=5)),
                   "retry_exponential_backoff": 2.0, "max_retry_delay": timedelta(minutes=30)},

@@ -15,7 +15,7 @@ from typing import Any
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s
 
-from sieve_airflow.planning import BATCH_LABEL_TEMPLATE, batch_label, stage_arguments
+from sieve_airflow.planning import batch_label, stage_arguments
 
 CONFIG_VARIABLE = "sieve_kubernetes"
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("kubernetes.json")
@@ -71,7 +71,7 @@ class SievePodOperator(KubernetesPodOperator):
         kwargs.setdefault("cmds", ["sieve"])  # the worker image's console script (also its ENTRYPOINT)
         kwargs.setdefault("pool", GPU_POOL)
         kwargs.setdefault("on_finish_action", "delete_succeeded_pod")
-        kwargs.setdefault("map_index_template", BATCH_LABEL_TEMPLATE.format(shards="task.shard_ids"))
+        kwargs.setdefault("map_index_template", "{{ task.shard_ids | batch_label }}")  # filter: planning.TEMPLATE_FILTERS
         super().__init__(**kwargs)
         self.stage = stage
         self.shard_ids = shard_ids

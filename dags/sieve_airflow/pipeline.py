@@ -14,7 +14,6 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from sieve_airflow.kube import SievePodOperator
 from sieve_airflow.planning import (
-    BATCH_LABEL_TEMPLATE,
     batch_shards,
     default_run_base,
     join_uri,
@@ -183,7 +182,7 @@ def choose_mode(plan: dict[str, Any]) -> str:
     return f"{group}.caption"
 
 
-@task(map_index_template=BATCH_LABEL_TEMPLATE.format(shards="task.op_kwargs['batch']"))
+@task(map_index_template="{{ task.op_kwargs['batch'] | batch_label }}")
 def run_stage(stage: str, batch: list[str], plan: dict[str, Any]) -> list[dict[str, Any]]:
     """One per-shard stage over a batch, in this process; finished shards are skipped (completion markers)."""
     from sieve_tasks.runner import run_shard_stage

@@ -96,13 +96,6 @@ def batch_shards(shard_ids: list[str], shards_per_task: int, max_map_length: int
     return [shard_ids[i : i + size] for i in range(0, len(shard_ids), size)]
 
 
-#: ``map_index_template`` naming a mapped instance by its shards (``{shards}``: the Jinja expression of the
-#: list). It needs nothing computed by the task, so Airflow renders it before the work starts and a failed
-#: instance is named too. It must say what :func:`batch_label` says (a test renders both).
-BATCH_LABEL_TEMPLATE = ("{{% set ids = {shards} %}}{{{{ '(no shards)' if not ids else ids[0] if ids | length == 1 "
-                        "else ids[0] ~ '..' ~ ids[-1] ~ ' (' ~ (ids | length) ~ ' shards)' }}}}")
-
-
 def batch_label(shard_ids: list[str]) -> str:
     """What a mapped instance shows in the UI: ``00000000`` or ``00000000..00000007 (8 shards)``."""
     if not shard_ids:
@@ -110,6 +103,11 @@ def batch_label(shard_ids: list[str]) -> str:
     if len(shard_ids) == 1:
         return shard_ids[0]
     return f"{shard_ids[0]}..{shard_ids[-1]} ({len(shard_ids)} shards)"
+
+
+#: Jinja filters of both DAGs. ``batch_label`` lets a mapped task's ``map_index_template`` name it from its own
+#: arguments, which Airflow renders before the work starts, so a failed instance is named by its shards too.
+TEMPLATE_FILTERS = {"batch_label": batch_label}
 
 
 def settings_options(params: dict[str, Any]) -> dict[str, Any]:

@@ -54,8 +54,9 @@ def test_curation_graph(dagbag):
             "pod_batch.caption", "pod_batch.embed", "pod_batch.score", "aggregate", "publish"} <= ids
     assert dag.get_task("pod_batch.caption").pool == "gpu"
     assert dag.get_task("pod_batch.embed").pool == "gpu"
-    for task_id, owner in (("local_batch.caption", "op_kwargs"), ("pod_batch.caption", "shard_ids")):
-        _assert_named_before_it_runs(dag.get_task(task_id).map_index_template, owner)
+    for named in (dag, dagbag.dags["sieve_refilter"]):
+        for task_id in ("local_batch.caption", "pod_batch.caption"):
+            _assert_named_before_it_runs(named, named.get_task(task_id).map_index_template)
     assert dag.get_task("aggregate").trigger_rule == "none_failed_min_one_success"
     publish = dag.get_task("publish")
     assert [a.name for a in publish.outlets] == ["sieve-manifest"]
@@ -248,19 +249,17 @@ def test_settings_the_cli_cannot_carry_are_refused():
         check_cli_roundtrip(dropped, settings)
 
 
-def _assert_named_before_it_runs(template: str, owner: str) -> None:
-    """The mapped-instance name renders from the task's own (rendered) arguments, with Airflow's strict Jinja,
-    before any work: a failed instance is named by its shards as a successful one is."""
+def _assert_named_before_it_runs(dag, template: str) -> None:
+    """The mapped-instance name renders from the task's own (rendered) arguments in the DAG's template environment
+    (Airflow's strict undefined, the DAG's filters), before any work: a failed instance is named by its shards as a
+    successful one is."""
     import types
-
-    import jinja2
 
     from sieve_airflow.planning import batch_label
 
     for ids in ([], ["00000003"], ["00000000", "00000001", "00000002"]):
         task = types.SimpleNamespace(op_kwargs={"batch": ids}, shard_ids=ids)
-        rendered = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(template).render(task=task)
-        assert rendered == batch_label(ids), (owner, ids)
+        assert dag.get_template_env().from_string(template).render(task=task) == batch_label(ids), (template, ids)
 
 
 def test_local_paths_are_flagged_where_other_machines_need_them():
