@@ -326,7 +326,7 @@ def list_files_with_identity(pattern_or_dir: str, suffix: str) -> dict[str, dict
         if any(ch in path for ch in "*?["):
             fixed = path[: min(path.find(ch) for ch in "*?[" if ch in path)].rpartition("/")[0] or "/"
             _require_exists(fs, fixed, pattern_or_dir, local)
-            found = {p: fs.info(p) for p in fs.glob(path) if p.endswith(suffix)}
+            found = {p: info for p, info in fs.glob(path, detail=True).items() if p.endswith(suffix)}
         else:
             _require_exists(fs, path, pattern_or_dir, local)
             found = {p: info for p, info in fs.find(path, maxdepth=1, detail=True).items() if p.endswith(suffix)}
