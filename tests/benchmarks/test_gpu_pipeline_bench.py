@@ -1,0 +1,60 @@
+"""CI dry run of benchmarks/gpu_pipeline_bench.py: --tiny on CPU, every figure in the summary, a published run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "benchmarks" / "gpu_pipeline_bench.py"
+STAGES = ("caption", "embed", "score", "aggregate", "publish")
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)
+
+
+@pytest.mark.slow
+def test_tiny_dry_run_reports_every_figure(tmp_path):
+    out = tmp_path / "summary.json"
+    result = _bench("--tiny", "--device", "cpu", "--workdir", str(tmp_path / "work"), "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(out.read_text())
+
+    assert summary["samples"] == 64 and summary["shards"] == 4 and summary["device"] == "cpu"
+    assert summary["mean_jpeg_kb"] > 0 and summary["caption_batch_size"] == "8"
+    assert set(summary["machine"]) >= {"cpu", "cpus", "gpu", "torch", "transformers", "open_clip"}
+    assert list(summary["stages"]) == list(STAGES)
+    for stage, figures in summary["stages"].items():
+        assert figures["rows"] == 64, stage
+        assert figures["seconds"] > 0 and figures["rows_per_s"] > 0, stage
+        assert figures["gpu_busy_pct"] is None, stage  # no GPU: n/a, never a made-up figure
+    e2e = summary["end_to_end"]
+    assert e2e["samples"] == 64 and e2e["samples_per_s"] > 0 and e2e["gpu_busy_pct"] is None
+    assert e2e["seconds"] >= sum(f["seconds"] for f in summary["stages"].values()) - 0.1
+    decoder = summary["decoder_alone"]
+    assert decoder["batch"] == 8 and decoder["batches"] == 1 and decoder["img_per_s"] > 0
+    assert decoder["gpu_busy_pct"] is None
+
+    manifest = Path(summary["manifest"])
+    assert (manifest / "_SUCCESS").exists() and (manifest / "subset.npy").exists()
+    assert summary["health"] == "healthy"
+    assert json.loads((manifest / "summary.json").read_text())["counts"]["read"] == 64
+    assert "==== SIEVE pipeline benchmark ====" in result.stdout and "n/a (no GPU)" in result.stdout
+
+
+def test_copy_minilm_config_copies_small_files_only(tmp_path):
+    result = _bench("--copy-minilm-config", str(tmp_path / "minilm"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    copied = sorted(p.relative_to(tmp_path / "minilm").as_posix() for p in (tmp_path / "minilm").rglob("*")
+                    if p.is_file())
+    assert "1_Pooling/config.json" in copied and "vocab.txt" in copied and "modules.json" in copied
+    assert not [name for name in copied if name.endswith((".safetensors", ".bin"))]
+    assert sum((tmp_path / "minilm" / name).stat().st_size for name in copied) < 1_000_000
