@@ -254,7 +254,8 @@ def test_int8_decoder_samples_from_a_close_distribution(small):
     assert float(self_variation.max()) < 1e-5
 
 
-@pytest.mark.parametrize("flags", [dict(sync_free=True), dict(cuda_graphs=True), dict(sync_free=True, cuda_graphs=True)])
+@pytest.mark.parametrize("flags", [dict(sync_free=True), dict(cuda_graphs=True),
+                                   dict(sync_free=True, cuda_graphs=True)])
 def test_sync_free_and_static_buffer_paths_equal_the_step_by_step_loop(small, flags):
     """The sync-free loop (trimmed at the end) and the static-buffer step that CUDA graphs capture (run uncaptured on
     CPU): with transformers' random draws (hf_rng) the same seed gives the same tokens and scores as the step-by-step
@@ -262,8 +263,8 @@ def test_sync_free_and_static_buffer_paths_equal_the_step_by_step_loop(small, fl
     model, prompt = small
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
     plain, fast = FastBlipDecoder(model, sync_free=False, cuda_graphs=False), FastBlipDecoder(model, **flags)
-    for cfg, kwargs in ((DecodeConfig(), dict(hf_rng=True, output_scores=True)),
-                        (DecodeConfig(num_return_sequences=1, do_sample=False, max_length=35), dict(output_scores=True))):
+    greedy = DecodeConfig(num_return_sequences=1, do_sample=False, max_length=35)
+    for cfg, kwargs in ((DecodeConfig(), dict(hf_rng=True, output_scores=True)), (greedy, dict(output_scores=True))):
         ref, ref_scores = plain.generate(pixels, prompt, cfg, seed=11, **kwargs)
         ours, scores = fast.generate(pixels, prompt, cfg, seed=11, **kwargs)
         assert torch.equal(ours, ref) and len(scores) == len(ref_scores)
