@@ -11,7 +11,9 @@ distribution with the same logits processing as transformers (checked against tr
   queries; the image embeddings are never repeated);
 * the prompt is run once per image (its self-attention keys/values are then copied to the image's samples);
 * a preallocated self-attention KV cache, ``scaled_dot_product_attention`` everywhere (vision encoder too);
-* top-k/top-p work on the top-k candidates instead of sorting the vocabulary, in fp32 like transformers.
+* top-k/top-p work on the top-k candidates instead of sorting the vocabulary, in fp32 like transformers;
+* on CUDA the decode loop makes no host syncs per step (``sync_free``) and each step's forward is a CUDA graph
+  replayed over static buffers (``cuda_graphs``); a failure of the graph path falls back to eager with a warning.
 
 Sampling draws from the same distribution as transformers. By default it samples among the top-k candidates only
 (cheap); ``hf_rng=True`` calls ``torch.multinomial`` on the full-vocabulary probabilities exactly like transformers,
@@ -29,12 +31,16 @@ decoding stops when every row has finished.
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever do_sample=True and top_k is unset
 
@@ -88,10 +94,84 @@ def _lin(x: torch.Tensor, lin: torch.nn.Module) -> torch.Tensor:
     return lin(x)  # sieve_tasks.int8.Int8Linear
 
 
-class FastBlipDecoder:
-    """Caption sampler for a ``BlipForConditionalGeneration`` (eval mode), sharing its parameters."""
+class _StaticStep:
+    """Static buffers of one decode shape and, when captured, a CUDA graph of ``_decode_step`` over them.
 
-    def __init__(self, model: torch.nn.Module, *, compile: bool = False, sdpa_vision: bool = True):
+    Uncaptured (CPU), calling it runs the very same step eagerly on the same buffers: that is what the tests check,
+    so only capture and replay are left untested without a GPU.
+    """
+
+    def __init__(self, dec: FastBlipDecoder, rows: int, images: int, tmax: int, image_tokens: int, capture: bool):
+        dev, dt = dec.device, dec.dtype
+        shape = (len(dec.layers), rows, dec.heads, tmax, dec.head_dim)
+        self.cache_k = torch.zeros(shape, device=dev, dtype=dt)
+        self.cache_v = torch.zeros(shape, device=dev, dtype=dt)
+        self.bias = torch.full((1, tmax), -math.inf, device=dev, dtype=dt)
+        self.bias[:, 0] = 0  # warm-up and capture run on position 0: no all -inf softmax (NaN) in the cache
+        self.tok = torch.full((rows,), dec.pad_id, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.cross = [(torch.zeros((images, dec.heads, dec.head_dim, image_tokens), device=dev, dtype=dt),
+                       torch.zeros((images, dec.heads, image_tokens, dec.head_dim), device=dev, dtype=dt))
+                      for _ in dec.layers]
+        head = dec.head_out
+        self.out = (torch.empty((rows, head.out_features), device=dev, dtype=dt)
+                    if isinstance(head, torch.nn.Linear) else None)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        if capture:
+            self._capture(dec)
+
+    def _eager(self, dec: FastBlipDecoder) -> torch.Tensor:
+        return dec._decode_step(self.tok, self.pos, self.cross, self.cache_k, self.cache_v, self.bias, self.out)
+
+    def _capture(self, dec: FastBlipDecoder) -> None:
+        """Warm up on a side stream, then capture (the recipe of ``torch.cuda.graphs``' documentation)."""
+        side = torch.cuda.Stream(device=dec.device)
+        side.wait_stream(torch.cuda.current_stream(dec.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._eager(dec)
+        torch.cuda.current_stream(dec.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.logits = self._eager(dec)
+        self.graph = graph
+
+    def load(self, cross: list[tuple[torch.Tensor, torch.Tensor]], plen: int) -> None:
+        """Start a batch: this batch's cross-attention K/V, an empty cache, positions below ``plen`` visible."""
+        for (sk, sv), (k, v) in zip(self.cross, cross):
+            sk.copy_(k)
+            sv.copy_(v)
+        self.cache_k.zero_()  # masked positions get weight 0, and 0 * NaN left by an earlier batch would be NaN
+        self.cache_v.zero_()
+        self.bias.fill_(-math.inf)
+        self.bias[:, :plen] = 0
+
+    def __call__(self, dec: FastBlipDecoder, tok: torch.Tensor, pos: int) -> torch.Tensor:
+        self.tok.copy_(tok)
+        self.pos.fill_(pos)
+        if self.graph is None:
+            return self._eager(dec)
+        self.graph.replay()
+        return self.logits
+
+
+class FastBlipDecoder:
+    """Caption sampler for a ``BlipForConditionalGeneration`` (eval mode), sharing its parameters.
+
+    ``cuda_graphs`` (None: on for CUDA without ``compile``): decode steps replay a CUDA graph per (rows, images,
+    max length, image tokens) shape, the last ``GRAPH_CACHE`` shapes kept; True on CPU runs the same static-buffer
+    step uncaptured. ``sync_free`` (None: on for CUDA): no host sync per decode step (see ``sync_free_scores``);
+    whether every caption has ended is checked every ``CHECK_EVERY`` steps and the output trimmed to what the
+    step-by-step loop returns.
+    """
+
+    GRAPH_CACHE = 3
+    CHECK_EVERY = 4
+    TIE_MARGIN = 50  # extra top-k candidates that hold tokens tied with the k-th value (see sync_free_scores)
+
+    def __init__(self, model: torch.nn.Module, *, compile: bool = False, sdpa_vision: bool = True,
+                 cuda_graphs: bool | None = None, sync_free: bool | None = None):
         self.model = model
         text = model.text_decoder
         cfg = text.config
@@ -113,6 +193,10 @@ class FastBlipDecoder:
         self.head_out = head.decoder
         self.sdpa_vision = sdpa_vision
         self._step = torch.compile(self._decode_step, dynamic=False) if compile else self._decode_step
+        on_cuda = self.device.type == "cuda"
+        self.cuda_graphs = (on_cuda and not compile) if cuda_graphs is None else cuda_graphs
+        self.sync_free = on_cuda if sync_free is None else sync_free
+        self._graphs: OrderedDict[tuple[int, int, int, int], _StaticStep] = OrderedDict()
 
     # ------------------------------------------------------------------ model pieces
 
@@ -215,28 +299,12 @@ class FastBlipDecoder:
         sampling needs, without building the full tensor. ``inplace=True`` allows overwriting fp32 ``logits``;
         ``ids_in_vocab`` (all ids < vocab size) saves a device sync per step when the caller knows it.
         """
-        scores = logits.float()
-        if scores is logits and not inplace:
-            scores = scores.clone()
-        vocab = scores.shape[-1]
-        if cfg.repetition_penalty != 1.0:
-            pen = cfg.repetition_penalty
-            if ids_in_vocab is None:
-                ids_in_vocab = int(ids.max()) < vocab
-            if not ids_in_vocab:  # transformers ignores ids beyond the output vocabulary
-                padded = F.pad(scores, (0, 1))
-                ids_c = ids.clamp(max=vocab)
-                g = padded.gather(1, ids_c)
-                scores = padded.scatter_(1, ids_c, torch.where(g < 0, g * pen, g / pen))[:, :vocab]
-            else:
-                g = scores.gather(1, ids)
-                scores.scatter_(1, ids, torch.where(g < 0, g * pen, g / pen))
-        if cfg.min_length > 0 and ids.shape[1] < cfg.min_length:
-            scores[:, eos_id] = -math.inf
+        scores = FastBlipDecoder._penalized(ids, logits, cfg, eos_id, inplace, ids_in_vocab)
         if not cfg.do_sample:
             return scores
         if cfg.temperature != 1.0:
             scores = scores / cfg.temperature
+        vocab = scores.shape[-1]
         top_k = min(cfg.top_k, vocab) if cfg.top_k else 0
         if top_k:
             vals, idx = torch.topk(scores, min(top_k + 1, vocab))  # descending; one extra to detect ties
@@ -266,13 +334,75 @@ class FastBlipDecoder:
         return scores
 
     @staticmethod
+    def _penalized(ids: torch.Tensor, logits: torch.Tensor, cfg: DecodeConfig, eos_id: int, inplace: bool,
+                   ids_in_vocab: bool | None) -> torch.Tensor:
+        """fp32 scores after RepetitionPenalty and MinLength."""
+        scores = logits.float()
+        if scores is logits and not inplace:
+            scores = scores.clone()
+        vocab = scores.shape[-1]
+        if cfg.repetition_penalty != 1.0:
+            pen = cfg.repetition_penalty
+            if ids_in_vocab is None:
+                ids_in_vocab = int(ids.max()) < vocab
+            if not ids_in_vocab:  # transformers ignores ids beyond the output vocabulary
+                padded = F.pad(scores, (0, 1))
+                ids_c = ids.clamp(max=vocab)
+                g = padded.gather(1, ids_c)
+                scores = padded.scatter_(1, ids_c, torch.where(g < 0, g * pen, g / pen))[:, :vocab]
+            else:
+                g = scores.gather(1, ids)
+                scores.scatter_(1, ids, torch.where(g < 0, g * pen, g / pen))
+        if cfg.min_length > 0 and ids.shape[1] < cfg.min_length:
+            scores[:, eos_id] = -math.inf
+        return scores
+
+    @classmethod
+    def sync_free_scores(cls, ids: torch.Tensor, logits: torch.Tensor, cfg: DecodeConfig, eos_id: int, *,
+                         candidates: bool = True, inplace: bool = False, ids_in_vocab: bool = True,
+                         margin: int | None = None) -> tuple[Any, torch.Tensor]:
+        """``process_scores`` without host syncs: returns ``(scores or (values, token_ids), overflow)``.
+
+        Top-k keeps every token tied with the k-th value; they are found among ``top_k + margin`` candidates
+        (``margin``, default ``TIE_MARGIN``) and top-p runs over the kept candidates in ascending order, tied
+        candidates in topk's arbitrary order (transformers' unstable sort orders ties arbitrarily too). ``overflow``
+        (a bool tensor on the device) is set when ties at the k-th value may reach past the candidates: only then
+        can the result differ from transformers', and ``generate`` redoes that step on the exact path.
+        """
+        vocab = logits.shape[-1]
+        top_k = min(cfg.top_k or 0, vocab)
+        no_overflow = torch.zeros((), dtype=torch.bool, device=logits.device)
+        if not cfg.do_sample or top_k in (0, vocab):  # no tie check on these paths; top_k = vocab keeps everything
+            cfg = replace(cfg, top_k=0)
+            return cls.process_scores(ids, logits, cfg, eos_id, inplace=inplace, ids_in_vocab=ids_in_vocab), no_overflow
+        scores = cls._penalized(ids, logits, cfg, eos_id, inplace, ids_in_vocab)
+        if cfg.temperature != 1.0:
+            scores = scores / cfg.temperature
+        width = min(top_k + (cls.TIE_MARGIN if margin is None else margin), vocab)
+        vals, idx = torch.topk(scores, width)
+        thr = vals[:, top_k - 1 : top_k]
+        overflow = (vals[:, -1:] == thr).any() if width < vocab else no_overflow
+        vals = vals.masked_fill(vals < thr, -math.inf)
+        if cfg.top_p < 1.0:
+            asc = vals.flip(-1)
+            remove = asc.softmax(-1).cumsum(-1) <= 1 - cfg.top_p
+            remove[:, -1] = False
+            vals = asc.masked_fill(remove, -math.inf).flip(-1)
+        if candidates:
+            return (vals, idx), overflow
+        return torch.full_like(scores, -math.inf).scatter_(1, idx, vals), overflow
+
+    @staticmethod
     def sample(scores, generator: torch.Generator | None) -> torch.Tensor:
-        """One token per row from processed scores (full tensor or ``(values, token_ids)`` candidates)."""
-        if isinstance(scores, tuple):
-            vals, idx = scores
-            pick = torch.multinomial(F.softmax(vals, dim=-1), 1, generator=generator)
-            return idx.gather(1, pick).squeeze(1)
-        return torch.multinomial(F.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
+        """One token per row from processed scores (full tensor or ``(values, token_ids)`` candidates).
+
+        Exponential race (argmax of p / Exp(1) noise): what ``torch.multinomial(p, 1)`` computes, with the same
+        random draws, minus multinomial's validity check, which syncs with the host.
+        """
+        vals, idx = scores if isinstance(scores, tuple) else (scores, None)
+        probs = F.softmax(vals, dim=-1)
+        pick = probs.div_(torch.empty_like(probs).exponential_(generator=generator)).argmax(-1)
+        return pick if idx is None else idx.gather(1, pick[:, None]).squeeze(1)
 
     # ------------------------------------------------------------------ generate
 
@@ -293,7 +423,7 @@ class FastBlipDecoder:
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, settings: Any = None, *,
                  seed: int | None = None, generator: torch.Generator | None = None, output_scores: bool = False,
-                 hf_rng: bool = False, **overrides: Any):
+                 hf_rng: bool = False, teacher_tokens: torch.Tensor | None = None, **overrides: Any):
         """Token ids of shape (images * num_return_sequences, length), image-major, prompt included.
 
         ``settings``: a :class:`DecodeConfig`, or SIEVE's ``Settings`` (num_captions, top_p, min/max_length,
@@ -306,6 +436,8 @@ class FastBlipDecoder:
         ``hf_rng=True`` instead samples the full-vocabulary probabilities with ``torch.multinomial`` exactly like
         transformers, which consumes the random stream identically: same seed -> the same captions as
         ``model.generate`` up to float rounding (costs about one extra ``exponential_`` over rows x vocab per step).
+        ``teacher_tokens`` (as this returns them) are fed instead of sampled ones: with ``output_scores``, the
+        processed distributions along given captions, e.g. to compare bf16 with CUDA graphs against fp32.
         """
         if settings is None:
             cfg = DecodeConfig(**overrides)
@@ -317,7 +449,33 @@ class FastBlipDecoder:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         if cfg.max_length > self.cfg.max_position_embeddings:
             raise ValueError(f"max_length {cfg.max_length} exceeds {self.cfg.max_position_embeddings} positions")
+        args = (pixel_values, prompt_ids, cfg, generator, output_scores, hf_rng, teacher_tokens)
+        if self.cuda_graphs:
+            try:
+                return self._generate(*args, static=True)
+            except torch.cuda.OutOfMemoryError:
+                self._graphs.clear()  # free the static buffers before the caller retries smaller batches
+                raise
+            except Exception:
+                log.warning("CUDA-graph decoding failed; decoding eagerly from now on", exc_info=True)
+                self.cuda_graphs = False
+                self._graphs.clear()
+        return self._generate(*args, static=False)
 
+    def _static_step(self, rows: int, images: int, tmax: int, image_tokens: int) -> _StaticStep:
+        """The static buffers (and graph, captured on CUDA) of this shape; least recently used shapes are dropped."""
+        key = (rows, images, tmax, image_tokens)
+        step = self._graphs.pop(key, None)
+        if step is None:
+            while len(self._graphs) >= self.GRAPH_CACHE:
+                self._graphs.popitem(last=False)
+            step = _StaticStep(self, *key, capture=self.device.type == "cuda")
+        self._graphs[key] = step
+        return step
+
+    def _generate(self, pixel_values: torch.Tensor, prompt_ids: torch.Tensor, cfg: DecodeConfig,
+                  generator: torch.Generator | None, output_scores: bool, hf_rng: bool,
+                  teacher_tokens: torch.Tensor | None, static: bool):
         images = pixel_values.shape[0]
         groups = cfg.num_return_sequences
         rows = images * groups
@@ -327,28 +485,58 @@ class FastBlipDecoder:
         cross = self.cross_kv(image_embeds)
 
         tmax = max(cfg.max_length - 1, plen)  # the last token is never fed back
-        shape = (len(self.layers), rows, self.heads, tmax, self.head_dim)
-        # zero-filled: masked-out positions get weight 0, and 0 * garbage could be NaN
-        cache_k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        cache_v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        bias = torch.full((1, tmax), -math.inf, device=self.device, dtype=self.dtype)
-        bias[:, :plen] = 0
+        if static:
+            step_fn = self._static_step(rows, images, tmax, image_embeds.shape[1])
+            step_fn.load(cross, plen)
+            cache_k, cache_v, bias, cross = step_fn.cache_k, step_fn.cache_v, step_fn.bias, step_fn.cross
+        else:
+            shape = (len(self.layers), rows, self.heads, tmax, self.head_dim)
+            # zero-filled: masked-out positions get weight 0, and 0 * garbage could be NaN
+            cache_k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            cache_v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+            bias = torch.full((1, tmax), -math.inf, device=self.device, dtype=self.dtype)
+            bias[:, :plen] = 0
+            positions = torch.arange(tmax, device=self.device)  # slices of it: no host-to-device copy per step
+            logits_buf = None
+            if isinstance(self.head_out, torch.nn.Linear) and self.dtype == torch.float32:
+                logits_buf = torch.empty((rows, self.head_out.out_features), device=self.device)
 
-        ids = torch.empty((rows, max(cfg.max_length, plen + 1)), dtype=torch.long, device=self.device)
+        def feed(tok: torch.Tensor, cur: int) -> torch.Tensor:
+            """Logits for the next position after feeding ``tok`` at position ``cur - 1``."""
+            bias[:, cur - 1] = 0
+            if static:
+                return step_fn(self, tok, cur - 1)
+            return self._step(tok, positions[cur - 1 : cur], cross, cache_k, cache_v, bias, logits_buf)
+
+        width = max(cfg.max_length, plen + 1)
+        ids = torch.empty((rows, width), dtype=torch.long, device=self.device)
         ids[:, :plen] = prompt.repeat_interleave(groups, dim=0)
+        if teacher_tokens is not None:  # padded: the sync-free loop may run past the captions' end
+            teacher_tokens = F.pad(teacher_tokens.to(self.device), (0, width - teacher_tokens.shape[1]),
+                                   value=self.pad_id)
         cur = plen
         unfinished = torch.ones(rows, dtype=torch.bool, device=self.device)
         scores_out: list[torch.Tensor] = []
-        logits_buf = None
+        ids_in_vocab = int(prompt.max()) < self.head_out.out_features  # sampled ids always are
         logits = self._prefill(prompt, cross, cache_k, cache_v, groups).repeat_interleave(groups, dim=0)
-        ids_in_vocab = int(prompt.max()) < logits.shape[-1]  # sampled ids always are
+        exact = not self.sync_free
+        alive = torch.ones(width - plen, dtype=torch.bool, device=self.device)  # sync-free: any row unfinished
+        overflow = torch.zeros(width - plen, dtype=torch.bool, device=self.device)  # after each step
+        candidates = not (output_scores or hf_rng)
         while True:
-            scores = self.process_scores(ids[:, :cur], logits, cfg, self.eos_id,
-                                         candidates=not (output_scores or hf_rng), inplace=not output_scores,
-                                         ids_in_vocab=ids_in_vocab)
+            step = cur - plen
+            if exact:
+                scores = self.process_scores(ids[:, :cur], logits, cfg, self.eos_id, candidates=candidates,
+                                             inplace=not output_scores, ids_in_vocab=ids_in_vocab)
+            else:
+                scores, overflow[step] = self.sync_free_scores(ids[:, :cur], logits, cfg, self.eos_id,
+                                                               candidates=candidates, inplace=not output_scores,
+                                                               ids_in_vocab=ids_in_vocab, margin=self.TIE_MARGIN)
             if output_scores:
                 scores_out.append(scores)
-            if cfg.do_sample:
+            if teacher_tokens is not None:
+                nxt = teacher_tokens[:, cur]
+            elif cfg.do_sample:
                 nxt = self.sample(scores, generator)
             else:
                 nxt = scores.argmax(-1)
@@ -356,15 +544,70 @@ class FastBlipDecoder:
             ids[:, cur] = nxt
             cur += 1
             unfinished &= nxt != self.eos_id
-            if cur >= cfg.max_length or not bool(unfinished.any()):
-                break
-            bias[:, cur - 1] = 0
-            if logits_buf is None and isinstance(self.head_out, torch.nn.Linear) and self.dtype == torch.float32:
-                logits_buf = torch.empty((rows, self.head_out.out_features), device=self.device)
-            pos = torch.tensor([cur - 1], device=self.device)
-            logits = self._step(nxt, pos, cross, cache_k, cache_v, bias, logits_buf)
+            if exact:
+                if cur >= cfg.max_length or not bool(unfinished.any()):
+                    break
+            else:
+                alive[step] = unfinished.any()
+                if cur >= cfg.max_length or (step + 1) % self.CHECK_EVERY == 0:
+                    first_overflow, n_alive = self._check(overflow[: step + 1], alive[: step + 1])
+                    if first_overflow >= 0:
+                        # Redo from that step on the exact path. Whether a step overflows depends only on the
+                        # tokens before it, so dropping it and the later draws keeps the distribution exact.
+                        exact = True
+                        cur = plen + first_overflow
+                        del scores_out[first_overflow:]
+                        unfinished = (ids[:, plen:cur] != self.eos_id).all(1)
+                        bias[:, plen:] = -math.inf
+                        bias[:, plen : cur - 1] = 0
+                        if cur == plen:
+                            logits = self._prefill(prompt, cross, cache_k, cache_v, groups)
+                            logits = logits.repeat_interleave(groups, dim=0)
+                        else:
+                            logits = feed(ids[:, cur - 1], cur)
+                        continue
+                    if cur >= cfg.max_length or n_alive <= step:
+                        # transformers stops after the first step that leaves every row finished
+                        cur = plen + min(step + 1, n_alive + 1)
+                        del scores_out[cur - plen :]
+                        break
+            logits = feed(nxt, cur)
         tokens = ids[:, :cur].contiguous()
         return (tokens, tuple(scores_out)) if output_scores else tokens
+
+    @staticmethod
+    def _check(overflow: torch.Tensor, alive: torch.Tensor) -> tuple[int, int]:
+        """One host sync: the first step that overflowed (-1 if none) and the number of steps after which some row
+        was still unfinished."""
+        first = torch.where(overflow.any(), overflow.int().argmax(), -1)
+        first_overflow, n_alive = torch.stack((first, alive.sum())).tolist()
+        return first_overflow, n_alive
+
+
+def auto_caption_batch_size(decoder_or_model: Any, free_bytes: int, num_captions: int = 8, max_length: int = 20,
+                            image_tokens: int = 197, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Images per caption batch for ``free_bytes`` of free device memory: the largest power of two whose estimated
+    working set (below) fits in half of it, clamped to [8, 1024]; the halving on out-of-memory stays the safety net.
+
+    ``decoder_or_model``: a FastBlipDecoder, a BlipForConditionalGeneration or a BlipConfig (only sizes are read).
+    ``image_tokens``: 197 for 224 px at patch 16. Per image: the self-attention KV cache (twice: the graph cache
+    keeps a static copy per shape), the per-layer cross-attention K/V (twice: the static copy), the largest vision
+    layer's activations, decoder activations, and fp32 logits with the few full-vocabulary copies processing makes.
+    """
+    model = getattr(decoder_or_model, "model", decoder_or_model)
+    config = getattr(model, "config", model)
+    text, vision = config.text_config, config.vision_config
+    size = torch.empty((), dtype=dtype).element_size()
+    rows, layers, hidden = num_captions, text.num_hidden_layers, text.hidden_size
+    kv_cache = 2 * layers * rows * 2 * max_length * hidden * size
+    cross = 2 * layers * 2 * image_tokens * hidden * size
+    vision_acts = image_tokens * (6 * vision.hidden_size + 2 * vision.intermediate_size) * size
+    vision_acts += vision.num_attention_heads * image_tokens**2 * size  # attention scores if SDPA picks math
+    decoder_acts = rows * (6 * hidden + 2 * text.intermediate_size) * size
+    logits = rows * text.vocab_size * (size + 4 * 4)
+    per_image = kv_cache + cross + vision_acts + decoder_acts + logits
+    fits = max(1, (free_bytes // 2) // per_image)
+    return int(min(1024, max(8, 1 << (fits.bit_length() - 1))))
 
 
 @torch.inference_mode()

@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from sieve_tasks.fast_blip import DecodeConfig, FastBlipDecoder
+from sieve_tasks.fast_blip import DecodeConfig, FastBlipDecoder, auto_caption_batch_size
 from sieve_tasks.settings import Settings
 from sieve_tasks.test_models import TINY_BLIP, tiny_model_dir
 
@@ -209,6 +209,24 @@ def test_cuda_bf16_greedy_mostly_agrees_with_transformers(tiny):
     assert sampled.shape[0] == 32
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_equals_eager(small):
+    """Capture and replay, the part the CPU tests cannot run: same kernels, so fp32 tokens and scores are equal."""
+    import copy
+
+    model = copy.deepcopy(small[0]).cuda()
+    pixels = torch.randn(3, 3, 224, 224, generator=torch.Generator().manual_seed(6))
+    eager, eager_scores = FastBlipDecoder(model, cuda_graphs=False).generate(
+        pixels, small[1], Settings(), seed=3, hf_rng=True, output_scores=True)
+    fast = FastBlipDecoder(model)
+    for _ in range(2):  # capture, then replay of the cached graph
+        ours, scores = fast.generate(pixels, small[1], Settings(), seed=3, hf_rng=True, output_scores=True)
+        assert fast.cuda_graphs and all(step.graph is not None for step in fast._graphs.values())
+        assert torch.equal(ours, eager)
+        for a, b in zip(scores, eager_scores):
+            _assert_scores_equal(a, b, atol=1e-5)
+
+
 def test_int8_decoder_samples_from_a_close_distribution(small):
     """--int8 is not exact: along the fp32 model's own captions, the int8 model's sampling distribution stays
     close (total variation), and the fp32 model compared with itself gives exactly 0."""
@@ -234,6 +252,132 @@ def test_int8_decoder_samples_from_a_close_distribution(small):
     assert again.shape[0] == tokens.shape[0]
     self_variation = 0.5 * (reference - next_token_distributions(model, pixels, tokens, plen, cfg)[0]).abs().sum(-1)
     assert float(self_variation.max()) < 1e-5
+
+
+@pytest.mark.parametrize("flags", [dict(sync_free=True), dict(cuda_graphs=True),
+                                   dict(sync_free=True, cuda_graphs=True)])
+def test_sync_free_and_static_buffer_paths_equal_the_step_by_step_loop(small, flags):
+    """The sync-free loop (trimmed at the end) and the static-buffer step that CUDA graphs capture (run uncaptured on
+    CPU): with transformers' random draws (hf_rng) the same seed gives the same tokens and scores as the step-by-step
+    loop, whose equality with transformers is tested above; greedy captions that all end early get trimmed alike."""
+    model, prompt = small
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    plain, fast = FastBlipDecoder(model, sync_free=False, cuda_graphs=False), FastBlipDecoder(model, **flags)
+    greedy = DecodeConfig(num_return_sequences=1, do_sample=False, max_length=35)
+    for cfg, kwargs in ((DecodeConfig(), dict(hf_rng=True, output_scores=True)), (greedy, dict(output_scores=True))):
+        ref, ref_scores = plain.generate(pixels, prompt, cfg, seed=11, **kwargs)
+        ours, scores = fast.generate(pixels, prompt, cfg, seed=11, **kwargs)
+        assert torch.equal(ours, ref) and len(scores) == len(ref_scores)
+        for a, b in zip(scores, ref_scores):
+            _assert_scores_equal(a, b, atol=1e-6)
+    assert ref.shape[1] < 35, "the greedy captions should all end before max_length"
+    if not flags.get("sync_free"):  # the candidate sampler draws the same numbers when the loop does not change
+        assert torch.equal(fast.generate(pixels, prompt, Settings(), seed=5),
+                           plain.generate(pixels, prompt, Settings(), seed=5))
+    if flags.get("cuda_graphs"):
+        assert len(fast._graphs) == 2 and all(step.graph is None for step in fast._graphs.values())
+
+
+def _assert_equal_up_to_tie_order(ours: torch.Tensor, ref: torch.Tensor, atol: float = 1e-6) -> None:
+    """Same number of kept tokens per row with the same values: which of several tied tokens top-p cuts is arbitrary
+    (transformers' unstable sort)."""
+    assert torch.equal(torch.isfinite(ours).sum(-1), torch.isfinite(ref).sum(-1))
+    assert torch.allclose(ours.sort(-1).values, ref.sort(-1).values, atol=atol, rtol=0)
+
+
+def test_sync_free_scores_match_transformers_with_ties_and_flag_overflow():
+    g = torch.Generator().manual_seed(1)
+    vocab, eos = 300, 7
+    compared = 0
+    for case in range(40):
+        logits = torch.randn(6, vocab, generator=g) * (0.5 + case % 4)
+        if case % 5 == 0:
+            logits[:, :30] = logits[:, :1].clone()  # ties straddling the top-k boundary, within the margin
+        if case % 7 == 0:
+            logits = logits.round()
+        ids = torch.randint(0, vocab, (6, 3 + case % 5), generator=g)
+        cfg = DecodeConfig(min_length=5 + case % 3, repetition_penalty=(1.1, 0.8, 1.0)[case % 3],
+                           top_p=(0.9, 0.5, 1.0, 0.99)[case % 4], top_k=(50, 0, 10, 300)[case % 4],
+                           temperature=(1.0, 0.7)[case % 2], do_sample=case % 6 != 5)
+        ref = _hf_processors(cfg, eos)(ids, logits.clone()) if cfg.top_k or cfg.top_p < 1 else None
+        if ref is None:
+            ref = FastBlipDecoder.process_scores(ids, logits.clone(), cfg, eos)
+        ours, overflow = FastBlipDecoder.sync_free_scores(ids, logits.clone(), cfg, eos, candidates=False)
+        if overflow:  # rounded logits: ties past the margin, generate would redo the step on the exact path
+            assert case % 7 == 0
+            continue
+        compared += 1
+        _assert_equal_up_to_tie_order(ours, ref)
+        got, _ = FastBlipDecoder.sync_free_scores(ids, logits.clone(), cfg, eos)
+        if isinstance(got, tuple):  # candidates when top-k is active, else the full scores as above
+            got = torch.full_like(ours, -math.inf).scatter_(1, got[1], got[0])
+        _assert_equal_up_to_tie_order(got, ref)
+    assert compared >= 34
+    tied = torch.zeros(2, vocab)
+    tied[:, :5] = 1.0  # 295 tokens tie at the 10th value: more than 10 + margin candidates
+    assert FastBlipDecoder.sync_free_scores(ids[:2], tied, DecodeConfig(top_k=10), eos, margin=20)[1]
+
+
+def test_sync_free_overflow_redoes_steps_on_the_exact_path(small):
+    """Groups of 4 tokens with identical head weights tie everywhere; with a margin of 3 candidates ties overflow
+    now and then (here first at step 8), the loop goes back to the first overflowing step and finishes exactly:
+    scores equal transformers' processors along the sampled tokens (up to the order of ties)."""
+    import copy
+
+    model, prompt = small
+    model = copy.deepcopy(model)
+    head = model.text_decoder.cls.predictions.decoder
+    with torch.no_grad():
+        group = torch.arange(head.out_features) // 4 * 4
+        head.weight.copy_(head.weight[group])
+        head.bias.copy_(head.bias[group])
+    fast = FastBlipDecoder(model, sync_free=True, cuda_graphs=True)
+    fast.TIE_MARGIN = 3
+    checks = []
+    fast._check = lambda *a: checks.append(FastBlipDecoder._check(*a)) or checks[-1]
+    pixels = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    cfg = DecodeConfig(num_return_sequences=2)
+    tokens, scores = fast.generate(pixels, prompt, cfg, seed=3, output_scores=True)
+    first_overflow = max(first for first, _ in checks)
+    assert first_overflow > 0, f"ties should have overflowed the candidates after some steps: {checks}"
+    plen = prompt.shape[1] - 1
+    assert tokens.shape[1] == plen + len(scores)
+    procs = _hf_processors(cfg, model.config.text_config.sep_token_id)
+    with torch.inference_mode():
+        embeds = model.vision_model(pixel_values=pixels, interpolate_pos_encoding=True)[0]
+        logits = model.text_decoder(input_ids=tokens, encoder_hidden_states=embeds.repeat_interleave(2, 0)).logits
+    for step, ours in enumerate(scores):
+        cur = plen + step
+        live = (tokens[:, :cur] != model.config.text_config.sep_token_id).all(1)
+        ref = procs(tokens[:, :cur], logits[:, cur - 1].float().clone())
+        _assert_equal_up_to_tie_order(ours[live], ref[live], atol=1e-4)
+        assert torch.isfinite(ours[live].gather(1, tokens[live, cur : cur + 1])).all()
+
+
+def test_sampling_by_exponential_race_draws_what_multinomial_draws():
+    probs = torch.randn(64, 500, generator=torch.Generator().manual_seed(0)).mul(3).softmax(-1)
+    ref = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(9)).squeeze(1)
+    assert torch.equal(FastBlipDecoder.sample(probs.log(), torch.Generator().manual_seed(9)), ref)
+
+
+def test_auto_caption_batch_size_from_full_size_config():
+    config = BlipConfig()  # BLIP base sizes; nothing is allocated
+    gib = 1 << 30
+    sizes = [auto_caption_batch_size(config, free * gib, 8, 20, 197, torch.bfloat16) for free in (0, 4, 16, 70, 1000)]
+    assert sizes == sorted(sizes) and sizes[0] == 8 and sizes[-1] == 1024
+    assert all(size & (size - 1) == 0 for size in sizes)
+    assert auto_caption_batch_size(config, 16 * gib, 8, 20, 197, torch.float32) <= sizes[2]
+    assert 64 <= auto_caption_batch_size(config, 70 * gib, 8, 20, 197, torch.bfloat16) <= 1024
+
+
+def test_gpu_decoder_check_dry_runs_on_cpu(capsys):
+    from benchmarks.gpu_decoder_check import main
+
+    assert main(["--tiny", "--device", "cpu", "--batches", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out, out
+    assert out.count("img/s (best of 1") == 3
+    assert "with graphs vs fp32" in out and "total variation mean 0.0000" in out
 
 
 def spread_weights(model: torch.nn.Module) -> None:
