@@ -12,10 +12,10 @@ Builds everything locally (no network): distinct JPEGs of at most 512 px cut fro
 and random-weight models of full size: BLIP base (``BlipConfig()``, BERT tokenizer + [DEC]), open_clip ViT-B-32 and
 all-MiniLM-L6-v2 (its tokenizer and configs from ``--minilm``, random ``BertModel`` weights). Random weights almost
 never emit [SEP], so every caption runs to max_length: captioning's worst case. ``--tiny`` builds tiny models of the
-same kinds, so the same code path runs. Drives the pipeline through ``sieve_tasks.cli.main``: ``caption``, ``embed``,
-``score``, ``aggregate``, ``publish`` one after the other in a fresh run directory, timing each, while a thread
-samples the GPU's utilisation (``nvidia-smi``); then times ``FastBlipDecoder.generate`` alone on random pixels at
-the caption batch size. Prints one summary block and writes it as JSON to ``--out``.
+same kinds, so the same code path runs. Drives the pipeline through ``sieve_tasks.cli.main``: ``sieve run`` end to end
+(each stage's own seconds from its completion markers), then the caption task alone in a fresh run directory, while a
+thread samples the GPU's utilisation (``nvidia-smi``); then times ``FastBlipDecoder.generate`` alone on random pixels
+at the caption batch size the run chose. Prints one summary block and writes it as JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-STAGES = ("caption", "embed", "score", "aggregate", "publish")
 MAX_SIDE = 512
 # scikit-image's photos that ship inside its wheel (no download), and what they show
 PHOTOS = {
@@ -277,57 +276,54 @@ def gpu_monitor(device: str) -> GpuMonitor | None:
 
 # ---------------------------------------------------------------- pipeline and decoder
 
-def default_caption_batch() -> str:
-    """'auto' when the CLI lets the tool choose the caption batch size, else 256."""
-    from sieve_tasks.cli import build_parser
-
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            build_parser().parse_args(["caption", "in", "run", "--caption-batch-size", "auto"])
-    except SystemExit:
-        return "256"
-    return "auto"
-
-
-def stage_argv(stage: str, pool: Path, run: Path, model_args: list[str]) -> list[str]:
-    """The ``sieve`` argv of one stage."""
-    if stage in ("caption", "embed", "score"):
-        return [stage, str(pool), str(run), *model_args]
-    if stage == "aggregate":
-        return ["aggregate", str(run), "--score", "fused"]
-    return ["publish", str(run)]
-
-
-def stage_rows(stage: str, run: Path) -> int:
-    """Rows a per-shard stage wrote (its completion markers, RUN/<output>/_done/); for aggregate and publish, the
-    rows scored."""
-    output = {"caption": "captions", "embed": "embeddings"}.get(stage, "scores")
-    return sum(json.loads(p.read_text())["rows"] for p in (run / output / "_done").glob("*.json"))
-
-
-def run_stages(pool: Path, run: Path, model_args: list[str],
-               monitor: GpuMonitor | None) -> tuple[dict[str, dict], tuple[float, float]]:
-    """Run the five stages through ``sieve_tasks.cli.main``: seconds, rows, rows/s and GPU busy per stage, and the
-    (start, end) of the whole."""
+def run_cli(argv: list[str]) -> None:
     from sieve_tasks.cli import main as sieve
 
-    results, first = {}, time.perf_counter()
-    for stage in STAGES:
-        argv = stage_argv(stage, pool, run, model_args)
-        log(f"sieve {shlex.join(argv)}")
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()) as output:  # per-shard lines; the figures come from files
-            status = sieve(argv)
-        end = time.perf_counter()
-        if status != 0:
-            print(output.getvalue(), flush=True)
-            raise RuntimeError(f"sieve {stage} exited with status {status}")
-        rows = stage_rows(stage, run)
-        results[stage] = {"seconds": round(end - start, 2), "rows": rows, "rows_per_s": round(rows / (end - start), 2),
-                          "gpu_busy_pct": monitor.mean(start, end) if monitor else None}
-        log(f"{stage}: {rows} rows in {end - start:.1f}s = {rows / (end - start):.1f} rows/s, "
-            f"GPU busy {_pct(results[stage]['gpu_busy_pct'], monitor)}")
-    return results, (first, time.perf_counter())
+    log(f"sieve {shlex.join(argv)}")
+    with contextlib.redirect_stdout(io.StringIO()) as output:  # per-shard lines; the figures come from files
+        status = sieve(argv)
+    if status != 0:
+        print(output.getvalue(), flush=True)
+        raise RuntimeError(f"sieve {argv[0]} exited with status {status}")
+
+
+def markers(run: Path, output: str) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted((run / output / "_done").glob("*.json"))]
+
+
+def run_pipeline(pool: Path, run: Path, model_args: list[str], monitor: GpuMonitor | None) -> dict[str, Any]:
+    """``sieve run`` end to end (the caption stage of one shard beside the text side of the one before), then what
+    each stage spent: its own seconds from its completion markers (the stages overlap, so they add up to more
+    than the wall time)."""
+    start = time.perf_counter()
+    run_cli(["run", str(pool), str(run), *model_args, "--score", "fused", "--no-progress"])
+    end = time.perf_counter()
+    summary = json.loads((run / "manifest" / "summary.json").read_text())
+    stages = {}
+    for stage, output in (("caption", "captions"), ("embed", "embeddings"), ("score", "scores")):
+        done = markers(run, output)
+        seconds, rows = sum(m["seconds"] for m in done), sum(m["rows"] for m in done)
+        stages[stage] = {"seconds": round(seconds, 2), "rows": rows, "rows_per_s": round(rows / seconds, 2)}
+    rows, seconds = summary["counts"]["read"], summary["timings_seconds"]["aggregate"]
+    stages["aggregate"] = {"seconds": seconds, "rows": rows, "rows_per_s": round(rows / seconds, 2)}
+    log(f"sieve run: {rows} samples in {end - start:.1f}s = {rows / (end - start):.1f} samples/s, "
+        f"GPU busy {_pct(monitor.mean(start, end) if monitor else None, monitor)}")
+    return {"seconds": round(end - start, 2), "samples": rows, "samples_per_s": round(rows / (end - start), 2),
+            "gpu_busy_pct": monitor.mean(start, end) if monitor else None, "stages": stages,
+            "caption_batch_size": markers(run, "captions")[0]["caption_batch_size"],
+            "health": summary["health"]["verdict"], "kept": summary["counts"]["kept"]}
+
+
+def caption_alone(pool: Path, run: Path, model_args: list[str], monitor: GpuMonitor | None) -> dict[str, Any]:
+    """The caption task by itself (``sieve caption``, a fresh run): its rows/s and how busy it keeps the GPU."""
+    start = time.perf_counter()
+    run_cli(["caption", str(pool), str(run), *model_args])
+    end = time.perf_counter()
+    rows = sum(m["rows"] for m in markers(run, "captions"))
+    log(f"caption task alone: {rows} rows in {end - start:.1f}s = {rows / (end - start):.1f} rows/s, "
+        f"GPU busy {_pct(monitor.mean(start, end) if monitor else None, monitor)}")
+    return {"seconds": round(end - start, 2), "rows": rows, "rows_per_s": round(rows / (end - start), 2),
+            "gpu_busy_pct": monitor.mean(start, end) if monitor else None}
 
 
 def decoder_alone(blip: Path, device: str, dtype: str, batch: int, batches: int,
@@ -403,10 +399,12 @@ def print_summary(summary: dict[str, Any], monitor: GpuMonitor | None) -> None:
     print(f"samples        {summary['samples']} in {summary['shards']} shards, mean JPEG "
           f"{summary['mean_jpeg_kb']} KB, <= {MAX_SIDE} px; built in {summary['build_seconds']} s")
     print(f"caption batch  {summary['caption_batch_size']}")
-    print(f"{'stage':<12}{'seconds':>9}{'rows':>8}{'rows/s':>11}  GPU busy")
+    print(f"{'stage':<12}{'seconds':>9}{'rows':>8}{'rows/s':>11}  (each stage's own time inside sieve run)")
     for stage, r in summary["stages"].items():
-        print(f"{stage:<12}{r['seconds']:>9.2f}{r['rows']:>8}{r['rows_per_s']:>11.2f}  "
-              f"{_pct(r['gpu_busy_pct'], monitor)}")
+        print(f"{stage:<12}{r['seconds']:>9.2f}{r['rows']:>8}{r['rows_per_s']:>11.2f}")
+    c = summary["caption_task_alone"]
+    print(f"{'caption task':<12}{c['seconds']:>9.2f}{c['rows']:>8}{c['rows_per_s']:>11.2f}  "
+          f"{_pct(c['gpu_busy_pct'], monitor)}  (alone, GPU busy)")
     print(f"{'end to end':<12}{e2e['seconds']:>9.2f}{e2e['samples']:>8}{e2e['samples_per_s']:>11.2f}  "
           f"{_pct(e2e['gpu_busy_pct'], monitor)}  (samples/s)")
     print(f"decoder alone  {dec['img_per_s']} img/s (batch {dec['batch']} x {dec['batches']} batches, "
@@ -422,7 +420,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--minilm", help="all-MiniLM-L6-v2 dir (tokenizer + configs; weights not needed); "
                     "default: the packaged copy")
     ap.add_argument("--copy-minilm-config", metavar="DEST", help="only copy MiniLM's small files to DEST and exit")
-    ap.add_argument("--caption-batch-size", help="default: 'auto' where the CLI supports it, else 256 (tiny: 8)")
+    ap.add_argument("--caption-batch-size", help="default: auto, the tool's choice (tiny: 8)")
     ap.add_argument("--decoder-batches", type=int, help="timed decoder-alone batches (default 3, tiny 1)")
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, ...")
     ap.add_argument("--dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto", help="auto: bf16 on CUDA")
@@ -463,28 +461,27 @@ def main(argv: list[str] | None = None) -> int:
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype = ("bf16" if device.startswith("cuda") else "fp32") if args.dtype == "auto" else args.dtype
-    batch = args.caption_batch_size or ("8" if args.tiny else default_caption_batch())
-    model_args = [*(f"--{k}={v}" for k, v in models.items()), f"--caption-batch-size={batch}", f"--device={device}",
-                  f"--dtype={dtype}", *shlex.split(args.stage_args)]
+    batch = args.caption_batch_size or ("8" if args.tiny else "auto")
+    model_args = [*(f"--{k}={v}" for k, v in models.items()), f"--device={device}", f"--dtype={dtype}",
+                  *([] if batch == "auto" else [f"--caption-batch-size={batch}"]), *shlex.split(args.stage_args)]
     monitor = gpu_monitor(device)
     try:
-        stages, (start, end) = run_stages(work / "pool", work / "run", model_args, monitor)
-        decoder = decoder_alone(models["captioner"], device, dtype, int(batch) if batch.isdigit() else 256,
+        pipeline = run_pipeline(work / "pool", work / "run", model_args, monitor)
+        caption = caption_alone(work / "pool", work / "caption-only", model_args, monitor)
+        decoder = decoder_alone(models["captioner"], device, dtype, pipeline["caption_batch_size"],
                                 args.decoder_batches or (1 if args.tiny else 3), monitor)
     finally:
         if monitor:
             monitor.stop()
-    published = json.loads((work / "run" / "manifest" / "summary.json").read_text())
     summary = {
         "machine": machine(), "device": device, "dtype": dtype, "tiny": args.tiny,
         "models": "tiny BLIP / CLIP / MiniLM" if args.tiny else "BLIP base, ViT-B-32, all-MiniLM-L6-v2",
         "samples": samples, "shards": shards, "mean_jpeg_kb": round(jpeg_bytes / samples / 1e3, 1),
-        "build_seconds": build_seconds, "caption_batch_size": batch, "stages": stages,
-        "end_to_end": {"seconds": round(end - start, 2), "samples": published["counts"]["read"],
-                       "samples_per_s": round(published["counts"]["read"] / (end - start), 2),
-                       "gpu_busy_pct": monitor.mean(start, end) if monitor else None},
+        "build_seconds": build_seconds, "caption_batch_size": pipeline["caption_batch_size"],
+        "stages": pipeline.pop("stages"), "caption_task_alone": caption,
+        "end_to_end": {k: pipeline[k] for k in ("seconds", "samples", "samples_per_s", "gpu_busy_pct")},
         "decoder_alone": decoder, "manifest": str(work / "run" / "manifest"),
-        "health": published["health"]["verdict"], "kept": published["counts"]["kept"],
+        "health": pipeline["health"], "kept": pipeline["kept"],
     }
     print_summary(summary, monitor)
     if args.out:

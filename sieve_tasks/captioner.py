@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from sieve_tasks.blip_checkpoint import BlipCheckpointLoader, is_blip_checkpoint
-from sieve_tasks.fast_blip import FastBlipDecoder
+from sieve_tasks.fast_blip import FastBlipDecoder, auto_caption_batch_size
 from sieve_tasks.int8 import quantize_linears
 from sieve_tasks.models import Device, is_oom, materialize
 from sieve_tasks.settings import Settings
@@ -54,6 +54,14 @@ class BlipCaptioner:
         self.prompt_ids = self.tokenizer(settings.prompt, return_tensors="pt").input_ids
         self.fast = FastBlipDecoder(self.model) if settings.fast_decode else None
         self.oom_splits = 0
+
+    def auto_batch_size(self) -> int:
+        """Images per caption batch that fit in half the device's free memory now (CUDA; the model is loaded)."""
+        free, _ = torch.cuda.mem_get_info(torch.device(self.device.device))
+        vision = self.model.config.vision_config
+        image_tokens = (self.settings.image_size // vision.patch_size) ** 2 + 1
+        return auto_caption_batch_size(self.model, free, self.settings.num_captions, self.settings.max_length,
+                                       image_tokens, self.device.dtype)
 
     def caption(self, pixel_values: torch.Tensor, seed: int) -> list[list[str]]:
         """Captions for a batch of preprocessed images; an out-of-memory batch is retried in halves."""

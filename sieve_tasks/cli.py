@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pickle import UnpicklingError
 
 from sieve_tasks import lease, models
-from sieve_tasks.settings import (METADATA_CLIP_COLUMNS, POPULATIONS, PROFILES, Settings, parse_external_scores,
+from sieve_tasks.settings import (EMBEDDINGS, METADATA_CLIP_COLUMNS, POPULATIONS, PROFILES, Settings, parse_external_scores,
                                   parse_weights)
 
 
@@ -33,10 +33,12 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--image-size", type=int, default=224)
     g.add_argument("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
                    help="our BLIP decoder (same distribution, ~2x faster on CPU) or transformers' generate")
-    g.add_argument("--caption-batch-size", type=int, default=8, help="images per captioning batch")
+    g.add_argument("--caption-batch-size", type=int, default=None,
+                   help="images per captioning batch (default: 8 on CPU; on CUDA what fits in free GPU memory)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-pixels", type=int, default=Settings.max_pixels, help="refuse larger images")
-    g.add_argument("--decode-workers", type=int, default=4, help="threads decoding JPEGs beside the model")
+    g.add_argument("--decode-workers", type=int, default=None,
+                   help="threads decoding images beside the models (default: one per core)")
     g.add_argument("--caption-cache", metavar="URI",
                    help="captions reused across runs, keyed by the image's SHA-256 and the caption settings "
                    "(local or s3://); images found there are neither decoded nor captioned")
@@ -47,6 +49,9 @@ def _model_options() -> argparse.ArgumentParser:
     g.add_argument("--mask-phrases", choices=["medium", "long"], default="medium")
     g.add_argument("--mask-mode", choices=["substring", "word"], default="substring")
     g.add_argument("--embed-batch-size", type=int, default=256)
+    g.add_argument("--embeddings", choices=EMBEDDINGS, default=Settings.embeddings,
+                   help="the vectors stored beside the scores (the scores never depend on it; none keeps only "
+                        "the similarities)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     g.add_argument("--int8", action=argparse.BooleanOptionalAction, default=False,

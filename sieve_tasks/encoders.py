@@ -1,27 +1,28 @@
-"""Sentence encoder (sentence-transformers) and CLIP (open_clip) wrappers returning unit vectors."""
+"""Sentence encoder (sentence-transformers) and CLIP (open_clip) wrappers returning unit vectors, one tensor
+per batch (never a Python float per component)."""
 
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from pickle import UnpicklingError
 
 import numpy as np
 import torch
-from PIL import Image
 
+from sieve_tasks.image_pass import ImageView
 from sieve_tasks.int8 import quantize_linears
 from sieve_tasks.models import Device, materialize
 from sieve_tasks.test_models import is_test_model, tiny_model_dir
 
-
-def _encode_unique(texts: list[str], encode) -> np.ndarray:
-    """Encode each distinct text once (captions repeat a lot) and spread the vectors back."""
-    unique, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True)
-    return np.asarray(encode(list(unique)), dtype=np.float32)[inverse.reshape(-1)]
+TOKENIZE_AHEAD = 2  # batches tokenised ahead of the model
 
 
 class TextEncoder:
-    """Normalised sentence embeddings through sentence-transformers; one length-sorted pass over a shard.
+    """Normalised sentence embeddings through sentence-transformers' modules: each distinct text once, in one
+    length-sorted pass over a shard, with the next batches tokenised in a thread while the model runs.
 
     ``int8=True`` swaps the model's linear layers for :class:`sieve_tasks.int8.Int8Linear` (CPU only)."""
 
@@ -36,11 +37,35 @@ class TextEncoder:
         if int8:
             quantize_linears(self.model)
         self.batch_size = batch_size
+        self.device = device
 
     def encode(self, texts: list[str]) -> np.ndarray:
-        return _encode_unique(texts, lambda unique: self.model.encode(
-            unique, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-            show_progress_bar=False))
+        """(len(texts), dim) float32 unit vectors; repeated texts (captions repeat a lot) are encoded once."""
+        unique, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True)
+        return self._encode_distinct(list(unique))[inverse.reshape(-1)]
+
+    def _encode_distinct(self, texts: list[str]) -> np.ndarray:
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        batches = [[texts[i] for i in order[start : start + self.batch_size]]
+                   for start in range(0, len(texts), self.batch_size)]
+        vectors: list[torch.Tensor] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as tokenizer, torch.inference_mode():
+            upcoming = iter(batches)
+            ahead: deque[Future[dict]] = deque(tokenizer.submit(self.model.preprocess, b)
+                                               for b in islice(upcoming, TOKENIZE_AHEAD))
+            while ahead:
+                features = {k: v.to(self.device.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                            for k, v in ahead.popleft().result().items()}
+                following = next(upcoming, None)
+                if following is not None:
+                    ahead.append(tokenizer.submit(self.model.preprocess, following))
+                embedded = self.model(features)["sentence_embedding"]
+                vectors.append(torch.nn.functional.normalize(embedded.float(), p=2, dim=1))
+        if not vectors:
+            return np.zeros((0, self.model.get_sentence_embedding_dimension()), np.float32)
+        out = np.empty((len(texts), vectors[0].shape[1]), np.float32)
+        out[order] = torch.cat(vectors).cpu().numpy()  # one copy off the device per shard
+        return out
 
 
 def open_clip_name(ref: str) -> tuple[str, str | None]:
@@ -78,24 +103,34 @@ class ClipEncoder:
         self.tokenizer = open_clip.get_tokenizer(name)
         self.device = device
         self.batch_size = batch_size
+        self.view = _image_view(ref, self.model.visual.preprocess_cfg)
+        self.dim = int(self.model.visual.output_dim)
 
-    def encode_images(self, pixels: torch.Tensor) -> np.ndarray:
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Unit float32 image vectors of uint8 views ``(n, 3, S, S)`` (:attr:`view`), on the model's device."""
         with torch.inference_mode():
-            features = self.model.encode_image(pixels.to(self.device.device, self.device.dtype))
-        return _unit(features)
+            return _unit(self.model.encode_image(self.view.normalize(pixels.to(self.device.device), self.device.dtype)))
 
-    def encode_texts(self, texts: list[str]) -> np.ndarray:
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
         chunks = []
         for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(texts[start : start + self.batch_size]).to(self.device.device)
+            tokens = self.tokenizer(texts[start : start + self.batch_size]).to(self.device.device, non_blocking=True)
             with torch.inference_mode():
                 chunks.append(_unit(self.model.encode_text(tokens)))
-        return np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
-
-    def transform(self, image: Image.Image) -> torch.Tensor:
-        return self.preprocess(image)
+        return torch.cat(chunks) if chunks else torch.zeros((0, 0))
 
 
-def _unit(features: torch.Tensor) -> np.ndarray:
+def _image_view(ref: str, cfg: dict) -> ImageView:
+    """CLIP's preprocessing as an :class:`ImageView`; only open_clip's resize-shortest + centre crop is supported."""
+    size = cfg["size"]
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if size[0] != size[1] or cfg.get("resize_mode", "shortest") != "shortest" or cfg.get("interpolation",
+                                                                                          "bicubic") != "bicubic":
+        raise ValueError(f"CLIP {ref}: preprocessing {cfg} is not supported (square size, resize_mode 'shortest', "
+                         "bicubic interpolation)")
+    return ImageView(size[0], tuple(cfg["mean"]), tuple(cfg["std"]))
+
+
+def _unit(features: torch.Tensor) -> torch.Tensor:
     features = features.float()
-    return (features / features.norm(dim=-1, keepdim=True)).cpu().numpy()
+    return features / features.norm(dim=-1, keepdim=True)

@@ -16,6 +16,7 @@ from sieve_tasks.test_models import TINY_BLIP, TINY_CLIP
 
 PROFILES = ("default", "test")
 SCORES = ("sieve", "clip", "fused")
+EMBEDDINGS = ("fp32", "fp16", "none")  # what the caption and embed stages store of their vectors
 POPULATIONS = ("scored", "metadata")
 EXTERNAL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 # The settings that change each per-shard stage's output (its completion-marker fingerprint); the Airflow
@@ -23,9 +24,9 @@ EXTERNAL_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 CAPTION_SETTINGS = (
     "captioner", "captions", "num_captions", "top_p", "min_length", "max_length", "repetition_penalty", "prompt",
     "image_size", "seed", "max_pixels", "clip_from_metadata", "caption_batch_size", "fast_decode",
-    "int8", "metadata_joined",
+    "int8", "metadata_joined", "clip", "embeddings",
 )
-EMBED_SETTINGS = ("text_encoder", "clip", "clip_from_metadata", "mask_phrases", "mask_mode", "max_pixels", "int8")
+EMBED_SETTINGS = ("text_encoder", "mask_phrases", "mask_mode", "int8", "embeddings")
 SCORE_SETTINGS = ("mask_phrases", "mask_mode", "clip_from_metadata", "metadata_joined")
 # Options added after runs were first written, with the value that means "as before".
 ADDED_OPTIONS = {"int8": False, "metadata_joined": False}
@@ -47,10 +48,10 @@ class Settings:
     prompt: str = "a picture of "
     fast_decode: bool = True  # sieve_tasks.fast_blip.FastBlipDecoder instead of transformers' generate
     image_size: int = 224
-    caption_batch_size: int = 8
+    caption_batch_size: int | None = None  # None: 8 on CPU, from the GPU's free memory on CUDA
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
-    decode_workers: int = 4
+    decode_workers: int | None = None  # None: one per core
     # captions reused across runs by image content (sieve_tasks.caption_cache); not fingerprinted: a cached
     # caption is a caption the same settings wrote, so finished shards stay valid with or without it
     caption_cache: str | None = None
@@ -62,6 +63,7 @@ class Settings:
     mask_phrases: str = "medium"
     mask_mode: str = "substring"
     embed_batch_size: int = 256
+    embeddings: str = "fp16"  # the vectors stored beside the scores: fp32, fp16 or none (scores never depend on it)
     device: str = "auto"
     dtype: str = "auto"
     int8: bool = False  # int8 linear layers in the captioner and sentence encoder (CPU): faster, slightly off fp32
@@ -83,6 +85,8 @@ class Settings:
             split_external_spec(name, spec)
         if self.score not in self.score_names:
             raise ValueError(f"unknown score {self.score!r}; choose one of {list(self.score_names)}")
+        if self.embeddings not in EMBEDDINGS:
+            raise ValueError(f"unknown --embeddings {self.embeddings!r}; choose one of {list(EMBEDDINGS)}")
         if self.population not in POPULATIONS:
             raise ValueError(f"unknown population {self.population!r}; choose one of {list(POPULATIONS)}")
         if self.clip_from_metadata is not None and self.clip_from_metadata not in METADATA_CLIP_COLUMNS:
@@ -122,7 +126,7 @@ class Settings:
         if self.int8 and self.dtype in ("fp16", "bf16"):
             raise ValueError(f"--int8 replaces the linear layers' fp32 math; it cannot be combined with --dtype {self.dtype}")
         for name in ("num_captions", "caption_batch_size", "embed_batch_size", "decode_workers", "max_pixels"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
 
     @property
@@ -147,12 +151,16 @@ class Settings:
     def clip_enabled(self) -> bool:
         return self.clip != "none" or self.clip_from_metadata is not None
 
+    @property
+    def computes_clip(self) -> bool:
+        """CLIP runs in the image pass (the caption stage) unless it is off or DataComp's score is used."""
+        return self.clip != "none" and self.clip_from_metadata is None
+
     def required_models(self, stages: tuple[str, ...] = ("caption", "embed")) -> dict[str, str | None]:
         """The models the given stages will load (kind → reference; None where a stage needs none)."""
-        computes_clip = self.clip != "none" and self.clip_from_metadata is None
         return {"captioner": self.captioner if "caption" in stages and self.captions is None else None,
                 "text_encoder": self.text_encoder if "embed" in stages else None,
-                "clip": self.clip if "embed" in stages and computes_clip else None}
+                "clip": self.clip if "caption" in stages and self.computes_clip else None}
 
     def fingerprinted(self, names: tuple[str, ...]) -> dict[str, Any]:
         """The settings among ``names`` that a stage's fingerprint covers. Options added later are left out while

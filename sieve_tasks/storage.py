@@ -394,7 +394,9 @@ def write_parquet_atomic(uri: str, table, metadata: dict[str, str] | None = None
     import pyarrow.parquet as pq
 
     if metadata:
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+        # pyarrow keeps metadata keys as bytes: a table derived from another stage's output carries its keys
+        ours = {key.encode(): value.encode() for key, value in metadata.items()}
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **ours})
     with LocalStaging(uri) as staged:
         pq.write_table(table, staged.path, compression="zstd")
 

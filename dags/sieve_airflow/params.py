@@ -82,8 +82,12 @@ def model_params(*, section: str = "Models") -> dict[str, Param]:
                       description="open_clip NAME:PRETRAINED, a local dir, an s3:// prefix, or 'none'."),
         "num_captions": Param(8, type="integer", minimum=1, maximum=64, section=section,
                               title="Captions per image"),
-        "caption_batch_size": Param(8, type="integer", minimum=1, maximum=1024, section=section,
-                                    title="Caption batch size", description="Images per captioning batch."),
+        "caption_batch_size": Param(None, type=["null", "integer"], minimum=1, maximum=4096, section=section,
+                                    title="Caption batch size", description="Images per captioning batch. Empty: 8 "
+                                    "on CPU, on a GPU what fits in its free memory (captions are reproducible for "
+                                    "a given batch size)."),
+        "embeddings": Param("fp16", enum=["fp32", "fp16", "none"], section=section, title="Stored embeddings",
+                            description="The vectors stored beside the scores (the scores never depend on it)."),
         "int8": Param(False, type="boolean", section=section, title="int8 on CPU",
                       description="int8 linear layers in captioner and sentence encoder: faster on CPU, "
                       "scores move slightly. Local mode only (GPU pods refuse it)."),

@@ -14,7 +14,8 @@ import duckdb
 import pyarrow as pa
 
 from sieve_tasks import storage
-from sieve_tasks.shards import SampleError, Shard, decode_image, read_samples
+from sieve_tasks.image_pass import decode, image_bytes
+from sieve_tasks.shards import DEFAULT_MAX_PIXELS, SampleError, Shard
 from sieve_tasks.stages.aggregate import candidate_filter, score_expression
 
 log = logging.getLogger(__name__)
@@ -114,12 +115,8 @@ class SampleGrids:
         for shard_id in sorted({r["shard"] for r in picked}):
             wanted = {r["position"] for r in picked if r["shard"] == shard_id}
             try:
-                for sample in read_samples(self.shards[shard_id]):
-                    if sample.position in wanted and sample.image:
-                        thumbnails[(shard_id, sample.position)] = thumbnail_uri(sample.image)
-                        wanted.discard(sample.position)
-                    if not wanted or sample.position > max(wanted):
-                        break
+                for position, image in image_bytes(self.shards[shard_id], wanted).items():
+                    thumbnails[(shard_id, position)] = thumbnail_uri(image)
             except OSError as exc:  # the input moved or expired since captioning: the grid says "no image"
                 log.warning("no thumbnails from shard %s: %s", shard_id, exc)
         return thumbnails
@@ -161,7 +158,7 @@ def score_bands(histogram: dict[str, Any] | None, threshold: float, needed: int)
 def thumbnail_uri(image: bytes) -> str | None:
     """A JPEG data URI of at most THUMBNAIL_PX on the longest side (None when the image does not decode)."""
     try:
-        picture = decode_image(image)
+        picture = decode(image, DEFAULT_MAX_PIXELS)
     except SampleError:
         return None
     picture.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))

@@ -1,17 +1,16 @@
-"""Caption stage: the first reader of a shard. Validates every sample, decodes images in worker threads
-while the captioner runs, and writes ``RUN/captions/<shard>.parquet``. With ``--caption-cache`` an image
-whose bytes were captioned before with the same settings is neither decoded nor captioned again."""
+"""Caption stage: the image pass. Reads and validates every sample of a shard, decodes each image once
+(``sieve_tasks.image_pass``), and runs the image-side models on it: BLIP writes the captions, CLIP embeds the image
+and then the alt-text (the CLIP score is computed here, from full-precision vectors). Writes
+``RUN/captions/<shard>.parquet``. With ``--caption-cache`` an image whose bytes were captioned before with the
+same settings is not captioned again (nor decoded, unless CLIP needs its pixels)."""
 
 from __future__ import annotations
 
 import time
 import zlib
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import torch
 
@@ -23,25 +22,13 @@ from sieve_tasks.caption_cache import (
     CacheIndex,
     CaptionCache,
     cache_fingerprint,
-    image_digest,
 )
+from sieve_tasks.image_pass import BatchStream, ImagePass, ImageView, Item, Need
 from sieve_tasks.models import Device
 from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
-from sieve_tasks.shards import (
-    UID_PATTERN,
-    SampleError,
-    Sample,
-    Shard,
-    canonical_uids,
-    decode_image,
-    expected_samples,
-    open_image,
-    read_samples,
-)
+from sieve_tasks.shards import UID_PATTERN, SampleError, Shard, canonical_uids, expected_samples
 from sieve_tasks.stages.base import InconsistentRun, ShardStage
-
-T = TypeVar("T")
-R = TypeVar("R")
+from sieve_tasks.vectors import store_vectors
 
 CAPTIONS_SCHEMA = pa.schema([
     ("uid", pa.string()), ("shard", pa.string()), ("key", pa.string()), ("position", pa.int64()),
@@ -49,42 +36,26 @@ CAPTIONS_SCHEMA = pa.schema([
     ("url", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
     ("original_width", pa.int64()), ("original_height", pa.int64()),
     ("captions", pa.list_(pa.string())), ("caption_source", pa.string()), ("metadata_clip_score", pa.float64()),
-])
-
-
-def prefetch_map(pool: ThreadPoolExecutor, fn: Callable[[T], R], items: Iterable[T], ahead: int) -> Iterator[R]:
-    """``map`` over a thread pool that keeps at most ``ahead`` items in flight, results in order."""
-    pending: deque[Future[R]] = deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-@dataclass
-class Prepared:
-    sample: Sample
-    width: int | None = None
-    height: int | None = None
-    pixels: torch.Tensor | None = None
-    digest: bytes | None = None  # SHA-256 of the image bytes (with a caption cache)
-    cached: bool = False  # the cache may hold its captions: not decoded
+    ("clip_score", pa.float64()),
+])  # + clip_image_embedding, clip_text_embedding unless --embeddings none (sieve_tasks.vectors)
+CPU_CAPTION_BATCH = 8
 
 
 class CaptionStage(ShardStage):
     name = "captions"
     settings_names = CAPTION_SETTINGS
 
-    def __init__(self, run: str, settings: Settings):
+    def __init__(self, run: str, settings: Settings, *, captioner: Any = None, clip: Any = None):
+        """``captioner`` / ``clip`` replace the models the settings name (benchmarks, tests): anything with
+        ``caption(pixel_values, seed) -> list[list[str]]`` / :class:`sieve_tasks.encoders.ClipEncoder`'s methods."""
         super().__init__(run, settings)
-        self._captioner = None
+        self._captioner = captioner
+        self._clip = clip
         self._provided: dict[str, dict[str, list[str]]] = {}
-        from sieve_tasks.captioner import clip_style_transform
-
-        self._transform = clip_style_transform(settings.image_size)
         self._cache: CaptionCache | None = None
+        self._prefetched: dict[str, _ShardCaptioning] = {}
+        self.device = Device.choose(settings.device, settings.dtype)
+        self.torch_device = torch.device(self.device.device)
 
     def stage_settings(self) -> dict[str, Any]:
         """The settings plus, for a BLIP ``.pth`` captioner, the file's SHA-256 (a path or URL does not pin its
@@ -98,7 +69,7 @@ class CaptionStage(ShardStage):
         """The ``--caption-cache`` namespace of these settings (made when a shard first needs it: naming a BLIP
         checkpoint by its SHA-256 may download it)."""
         if self._cache is None and self.settings.caption_cache:
-            identity = {"dtype": str(Device.choose(self.settings.device, self.settings.dtype).dtype).removeprefix("torch.")}
+            identity = {"dtype": str(self.device.dtype).removeprefix("torch.")}
             if is_blip_checkpoint(self.settings.captioner):
                 identity["captioner_sha256"] = fetch_checkpoint(self.settings.captioner).sha256
             self._cache = CaptionCache(self.settings.caption_cache, cache_fingerprint(self.settings, identity))
@@ -109,9 +80,36 @@ class CaptionStage(ShardStage):
         if self._captioner is None:  # loaded only when some sample needs captions
             from sieve_tasks.captioner import BlipCaptioner
 
-            device = Device.choose(self.settings.device, self.settings.dtype)
-            self._captioner = BlipCaptioner(self.settings.captioner, device, self.settings)
+            self._captioner = BlipCaptioner(self.settings.captioner, self.device, self.settings)
         return self._captioner
+
+    @property
+    def clip(self):
+        if self._clip is None:
+            from sieve_tasks.encoders import ClipEncoder
+
+            self._clip = ClipEncoder(self.settings.clip, self.device, self.settings.embed_batch_size)
+        return self._clip
+
+    @property
+    def blip_view(self) -> ImageView:
+        from sieve_tasks.captioner import CLIP_MEAN, CLIP_STD
+
+        return ImageView(self.settings.image_size, CLIP_MEAN, CLIP_STD)
+
+    @property
+    def batch_size(self) -> int:
+        """``--caption-batch-size``, else 8 on CPU and, on CUDA, what the captioner fits in free memory."""
+        if self.settings.caption_batch_size is not None:
+            return self.settings.caption_batch_size
+        if self.torch_device.type != "cuda":
+            return CPU_CAPTION_BATCH
+        return self.captioner.auto_batch_size()
+
+    def image_pass(self) -> ImagePass:
+        sizes = (self.blip_view.size,) + ((self.clip.view.size,) if self.settings.computes_clip else ())
+        return ImagePass(sizes, self.settings.max_pixels, self.batch_size, self.settings.decode_workers,
+                         self.torch_device)
 
     def provided_captions(self, shard_id: str) -> dict[str, list[str]]:
         """Captions the user already has (``--captions``), by uid; ``{shard}`` in the path is per shard."""
@@ -142,108 +140,168 @@ class CaptionStage(ShardStage):
             raise ValueError(f"{shard.metadata_uri} has no column {column!r} (needed by --clip-from-metadata)")
         return dict(zip(canonical_uids(table.column("uid").to_pylist()), table.column(column).to_pylist()))
 
-    def prepare(self, sample: Sample, needs_pixels: bool, index: CacheIndex | None = None) -> Prepared:
-        prepared = Prepared(sample)
-        if not sample.ok:
-            return prepared
-        if needs_pixels and index is not None:
-            prepared.digest = image_digest(sample.image)
-            if index.maybe(prepared.digest):  # only the header is read: size and the pixel limit
-                try:
-                    prepared.width, prepared.height = open_image(sample.image, self.settings.max_pixels).size
-                    prepared.cached = True
-                except SampleError as exc:
-                    sample.reason = str(exc)
-                return prepared
-        try:
-            image = decode_image(sample.image, self.settings.max_pixels)
-        except SampleError as exc:
-            sample.reason = str(exc)
-            return prepared
-        prepared.width, prepared.height = image.size
-        if needs_pixels:
-            prepared.pixels = self._transform(image)
-        return prepared
+    def prefetch(self, shard: Shard) -> None:
+        """Start reading and decoding ``shard`` while the models still work on the current one (its batches wait in
+        the image pass's bounded queue); nothing happens for a shard whose output is already complete."""
+        if shard.shard_id in self._prefetched or (
+                not self.settings.overwrite and self.completed(shard.shard_id, self.fingerprint(shard)) is not None):
+            return
+        captioning = _ShardCaptioning(self, shard)
+        captioning.start()
+        self._prefetched[shard.shard_id] = captioning
+
+    def close(self) -> None:
+        """Stop the image passes of prefetched shards that were never processed."""
+        for captioning in self._prefetched.values():
+            captioning.close()
+        self._prefetched.clear()
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
-        provided = self.provided_captions(shard.shard_id)
-        metadata_clip = self.metadata_clip_scores(shard)
-        counts = CacheCounts()
-        cache = self.caption_cache()
-        index = cache.index(counts) if cache else None  # one listing per shard
-        rows: list[dict[str, Any]] = []
-        waiting: list[tuple[dict[str, Any], torch.Tensor, bytes | None]] = []
-        candidates: list[tuple[dict[str, Any], Prepared]] = []
-        fresh: list[tuple[bytes, list[str], float]] = []  # new cache entries: digest, captions, seconds
-        hits: list[bytes] = []
-        batch_size = self.settings.caption_batch_size
+        captioning = self._prefetched.pop(shard.shard_id, None) or _ShardCaptioning(self, shard)
+        return captioning.run()
 
-        def flush() -> None:
-            if not waiting:
-                return
-            seed = zlib.crc32(f"{self.settings.seed}:{shard.shard_id}:{waiting[0][0]['position']}".encode())
-            captioner = self.captioner  # loaded before the clock starts: an entry's seconds are captioning only
-            started = time.perf_counter()
-            captions = captioner.caption(torch.stack([pixels for _, pixels, _ in waiting]), seed)
-            seconds = (time.perf_counter() - started) / len(waiting)
-            for (row, _, digest), caps in zip(waiting, captions):
-                row["captions"] = caps
-                if digest is not None:
-                    fresh.append((digest, caps, seconds))
-            waiting.clear()
 
-        def caption_later(row: dict[str, Any], prepared: Prepared) -> None:
-            row["caption_source"] = "captioner"
-            waiting.append((row, prepared.pixels, prepared.digest))
-            if len(waiting) == batch_size:
-                flush()
+class _ShardCaptioning:
+    """One shard through the image pass: captions in caption batches (seeded by their first sample, so they do not
+    depend on how the pass batches images), CLIP per image batch, cache hits fetched together."""
 
-        def resolve() -> None:
-            """Captions of the candidate hits, fetched together; a candidate not found is decoded and captioned."""
-            found = index.fetch(p.digest for _, p in candidates)
-            for row, prepared in candidates:
-                cached = found.get(prepared.digest)
-                if cached is not None:
-                    row["captions"], row["caption_source"] = cached.captions, "cache"
-                    counts.hits += 1
-                    counts.seconds_saved += cached.seconds
-                    hits.append(prepared.digest)
+    def __init__(self, stage: CaptionStage, shard: Shard):
+        self.stage, self.shard, self.settings = stage, shard, stage.settings
+        self.provided = stage.provided_captions(shard.shard_id)
+        self.metadata_clip = stage.metadata_clip_scores(shard)
+        self.counts = CacheCounts()
+        self.cache = stage.caption_cache()
+        self.index: CacheIndex | None = self.cache.index(self.counts) if self.cache else None  # one listing per shard
+        self.images = stage.image_pass()
+        self.stream: BatchStream | None = None
+        self.batch_size = stage.batch_size
+        self.rows: list[dict[str, Any]] = []
+        self.waiting: list[tuple[dict[str, Any], torch.Tensor, bytes | None]] = []  # row, BLIP view, digest
+        self.candidates: list[tuple[dict[str, Any], Item, dict[int, torch.Tensor] | None]] = []
+        self.fresh: list[tuple[bytes, list[str], float]] = []  # new cache entries: digest, captions, seconds
+        self.hits: list[bytes] = []
+        self.clip_rows: list[np.ndarray] = []
+        self.clip_images: list[np.ndarray] = []
+        self.clip_texts: list[np.ndarray] = []
+
+    def need(self, item: Item) -> Need:
+        """Runs in a decode thread: every image CLIP embeds, or that may need captions, is decoded; one whose
+        captions are provided is only validated; one the cache may hold is only looked at (header)."""
+        if self.settings.computes_clip:
+            return Need.PIXELS
+        if item.sample.uid in self.provided:
+            return Need.VALIDATE
+        if self.index is not None and self.index.maybe(item.digest):
+            return Need.HEADER
+        return Need.PIXELS
+
+    def start(self) -> None:
+        if self.stream is None:
+            self.stream = self.images.start(self.shard, self.need, digests=self.index is not None)
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+
+    def run(self) -> tuple[pa.Table, dict[str, Any]]:
+        device = self.stage.torch_device
+        self.start()
+        try:
+            for batch in self.stream:
+                views = batch.pixels_on(device)
+                first = len(self.rows)
+                for item in batch.items:
+                    self.take(item, views)
+                if self.settings.computes_clip:
+                    self.embed_clip(batch.items, views, first)
+        finally:
+            self.close()
+        if self.candidates:
+            self.resolve()
+        self.flush()
+        return self.table()
+
+    def take(self, item: Item, views: dict[int, torch.Tensor]) -> None:
+        row = self._row(item, self.metadata_clip)
+        self.rows.append(row)
+        if row["reason"] is not None:
+            return
+        own = {size: v[item.slot : item.slot + 1] for size, v in views.items()} if item.slot is not None else None
+        if row["uid"] in self.provided:
+            row["captions"], row["caption_source"] = self.provided[row["uid"]], "provided"
+            if not row["captions"] or not all(isinstance(c, str) for c in row["captions"]):
+                row["reason"], row["captions"] = "invalid_provided_captions", None
+        elif self.index is not None and self.index.maybe(item.digest):
+            self.candidates.append((row, item, own))
+            if len(self.candidates) == FETCH_BATCH:
+                self.resolve()
+        else:
+            self.counts.misses += self.index is not None
+            self.caption_later(row, own, item.digest)
+
+    def caption_later(self, row: dict[str, Any], views: dict[int, torch.Tensor], digest: bytes | None) -> None:
+        row["caption_source"] = "captioner"
+        self.waiting.append((row, views[self.stage.blip_view.size], digest))
+        if len(self.waiting) == self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.waiting:
+            return
+        seed = zlib.crc32(f"{self.settings.seed}:{self.shard.shard_id}:{self.waiting[0][0]['position']}".encode())
+        captioner = self.stage.captioner  # loaded before the clock starts: an entry's seconds are captioning only
+        started = time.perf_counter()
+        pixels = self.stage.blip_view.normalize(torch.cat([view for _, view, _ in self.waiting]),
+                                                self.stage.device.dtype)
+        captions = captioner.caption(pixels, seed)
+        seconds = (time.perf_counter() - started) / len(self.waiting)
+        for (row, _, digest), caps in zip(self.waiting, captions):
+            row["captions"] = caps
+            if digest is not None:
+                self.fresh.append((digest, caps, seconds))
+        self.waiting.clear()
+
+    def resolve(self) -> None:
+        """Captions of the candidate hits, fetched together; a candidate not found is captioned (decoded first
+        if the pass only read its header)."""
+        found = self.index.fetch(item.digest for _, item, _ in self.candidates)
+        for row, item, views in self.candidates:
+            cached = found.get(item.digest)
+            if cached is not None:
+                row["captions"], row["caption_source"] = cached.captions, "cache"
+                self.counts.hits += 1
+                self.counts.seconds_saved += cached.seconds
+                self.hits.append(item.digest)
+                continue
+            self.counts.misses += 1
+            if views is None:
+                try:
+                    views = {size: v.to(self.stage.torch_device) for size, v in self.images.decode_views(item).items()}
+                except SampleError as exc:
+                    row["reason"] = str(exc)
                     continue
-                counts.misses += 1
-                decoded = self.prepare(prepared.sample, True)
-                if decoded.sample.reason is not None:
-                    row["reason"] = decoded.sample.reason
-                else:
-                    decoded.digest = prepared.digest
-                    caption_later(row, decoded)
-            candidates.clear()
+            self.caption_later(row, views, item.digest)
+        self.candidates.clear()
 
-        def needs_pixels(sample: Sample) -> bool:
-            return sample.ok and sample.uid not in provided
+    def embed_clip(self, items: list[Item], views: dict[int, torch.Tensor], first: int) -> None:
+        """CLIP image and alt-text vectors of the batch's valid images; the score from the full-precision vectors."""
+        chosen = [(first + i, item.slot) for i, item in enumerate(items)
+                  if item.slot is not None and self.rows[first + i]["reason"] is None]
+        if not chosen:
+            return
+        clip = self.stage.clip
+        rows = np.array([r for r, _ in chosen])
+        slots = torch.tensor([slot for _, slot in chosen], device=self.stage.torch_device)
+        image = clip.encode_images(views[clip.view.size].index_select(0, slots)).cpu().numpy()
+        text = clip.encode_texts([self.rows[r]["text"] for r in rows]).cpu().numpy()
+        for r, score in zip(rows, np.einsum("ij,ij->i", image.astype(np.float64), text.astype(np.float64))):
+            self.rows[r]["clip_score"] = float(score)
+        self.clip_rows.append(rows)
+        self.clip_images.append(image)
+        self.clip_texts.append(text)
 
-        with ThreadPoolExecutor(self.settings.decode_workers, thread_name_prefix="decode") as pool:
-            prepared_samples = prefetch_map(
-                pool, lambda s: self.prepare(s, needs_pixels(s), index), read_samples(shard), ahead=4 * batch_size
-            )
-            for prepared in prepared_samples:
-                row = self._row(prepared, metadata_clip)
-                rows.append(row)
-                if row["reason"] is not None:
-                    continue
-                if row["uid"] in provided:
-                    row["captions"], row["caption_source"] = provided[row["uid"]], "provided"
-                    if not row["captions"] or not all(isinstance(c, str) for c in row["captions"]):
-                        row["reason"], row["captions"] = "invalid_provided_captions", None
-                elif prepared.cached:
-                    candidates.append((row, prepared))
-                    if len(candidates) == FETCH_BATCH:
-                        resolve()
-                else:
-                    counts.misses += index is not None
-                    caption_later(row, prepared)
-            if candidates:
-                resolve()
-            flush()
+    def table(self) -> tuple[pa.Table, dict[str, Any]]:
+        shard, rows = self.shard, self.rows
         expected = expected_samples(shard)
         missing = expected.missing({row["key"] for row in rows})
         rows += [self._missing_row(shard, len(rows) + i, listed) for i, listed in enumerate(missing)]
@@ -252,16 +310,30 @@ class CaptionStage(ShardStage):
                                   "run the stage again")
         for row in rows:
             row["status"] = "ok" if row["reason"] is None else "failed"
+            if row["reason"] is not None:
+                row["clip_score"] = None
+        captioner = self.stage._captioner
         facts = {"expected": expected.count, "expected_source": expected.source, "missing_from_tar": len(missing),
                  "captioned": sum(r["caption_source"] == "captioner" for r in rows),
                  "provided": sum(r["caption_source"] == "provided" for r in rows),
-                 "oom_splits": self._captioner.oom_splits if self._captioner else 0,
-                 "device": self._captioner.device.describe() if self._captioner else None}
-        if cache is not None:
-            cache.add(fresh, counts)
-            cache.record_hits(hits, counts)
-            facts["cache"] = counts.as_facts()
-        return pa.Table.from_pylist(rows, schema=CAPTIONS_SCHEMA), facts
+                 "caption_batch_size": self.batch_size, "decode_workers": self.images.workers,
+                 "gpu_decode_refused": self.images.gpu_refused,
+                 "oom_splits": getattr(captioner, "oom_splits", 0),
+                 "device": self.stage.device.describe()}
+        if self.cache is not None:
+            self.cache.add(self.fresh, self.counts)
+            self.cache.record_hits(self.hits, self.counts)
+            facts["cache"] = self.counts.as_facts()
+        table = pa.Table.from_pylist(rows, schema=CAPTIONS_SCHEMA)
+        if self.settings.computes_clip:
+            ok = np.array([row["status"] == "ok" for row in rows])
+            picked = np.concatenate(self.clip_rows) if self.clip_rows else np.zeros(0, np.int64)
+            dim = self.clip_images[0].shape[1] if self.clip_images else self.stage.clip.dim
+            empty = np.zeros((0, dim), np.float32)
+            table = store_vectors(table, self.settings.embeddings, ok, picked, {
+                "clip_image_embedding": np.concatenate(self.clip_images) if self.clip_images else empty,
+                "clip_text_embedding": np.concatenate(self.clip_texts) if self.clip_texts else empty})
+        return table, facts
 
     @staticmethod
     def _missing_row(shard: Shard, position: int, listed: dict[str, Any]) -> dict[str, Any]:
@@ -274,8 +346,8 @@ class CaptionStage(ShardStage):
         return row
 
     @staticmethod
-    def _row(prepared: Prepared, metadata_clip: dict[str, float]) -> dict[str, Any]:
-        sample = prepared.sample
+    def _row(item: Item, metadata_clip: dict[str, float]) -> dict[str, Any]:
+        sample = item.sample
         meta = sample.meta
         reason = sample.reason
         if reason is None and metadata_clip and metadata_clip.get(sample.uid) is None:
@@ -283,10 +355,11 @@ class CaptionStage(ShardStage):
         return {
             "uid": sample.uid, "shard": sample.shard, "key": sample.key, "position": sample.position,
             "status": None, "reason": reason, "text": sample.text, "text_truncated": sample.text_truncated,
-            "url": sample.url, "width": prepared.width, "height": prepared.height,
+            "url": sample.url, "width": item.width, "height": item.height,
             "original_width": _int_or_none(meta.get("original_width")),
             "original_height": _int_or_none(meta.get("original_height")),
             "captions": None, "caption_source": None, "metadata_clip_score": metadata_clip.get(sample.uid),
+            "clip_score": None,
         }
 
 

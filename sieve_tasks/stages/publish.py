@@ -229,7 +229,7 @@ def _rebatch(reader: pa.RecordBatchReader, size: int) -> Iterator[pa.Table]:
 
 def _stage_record(markers: list[dict[str, Any]]) -> tuple[dict[str, Any], float, dict[str, Any]]:
     """(settings, total seconds, extra facts) of a per-shard stage, from its completion markers."""
-    facts = {key: sum(m.get(key, 0) or 0 for m in markers) for key in ("captioned", "provided", "oom_splits")
+    facts = {key: sum(m.get(key, 0) or 0 for m in markers) for key in ("captioned", "provided", "oom_splits", "gpu_decode_refused")
              if any(key in m for m in markers)}
     cache = [m["cache"] for m in markers if m.get("cache")]
     if cache:  # --caption-cache: hits, misses, written, errors, seconds_saved, lookup_seconds
@@ -253,7 +253,7 @@ def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str,
     embeddings, embed_s, _ = _stage_record(markers["embeddings"])
     scores, score_s, _ = _stage_record(markers["scores"])
     counts = {**thresholds["counts"], "kept": kept, **_expected(markers["captions"])}
-    test_profile = is_test_model(captions["captioner"]) or is_test_model(embeddings["clip"])
+    test_profile = is_test_model(captions["captioner"]) or is_test_model(captions.get("clip", ""))
     unique = counts["scored"] - counts["duplicates"]
     return {
         "counts": counts,
@@ -264,8 +264,8 @@ def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str,
         "missing_scores": thresholds.get("missing_scores", {}),
         "tables": thresholds.get("tables", {}),
         "models": {"captioner": captions["captioner"], "captions_file": captions["captions"],
-                   "text_encoder": embeddings["text_encoder"], "clip": embeddings["clip"],
-                   "clip_from_metadata": embeddings["clip_from_metadata"],
+                   "text_encoder": embeddings["text_encoder"], "clip": captions.get("clip", "none"),
+                   "clip_from_metadata": captions["clip_from_metadata"],
                    **({"captioner_sha256": captions["captioner_sha256"]} if "captioner_sha256" in captions else {})},
         "profile": "test" if test_profile else "default",
         "warning": TEST_PROFILE_WARNING if test_profile else None,

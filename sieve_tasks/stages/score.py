@@ -25,6 +25,11 @@ SCORES_SCHEMA = pa.schema([
 ])
 
 
+CAPTION_COLUMNS = ["uid", "shard", "key", "position", "url", "text_truncated", "text", "captions", "width", "height",
+                   "original_width", "original_height", "metadata_clip_score", "clip_score"]
+EMBEDDING_COLUMNS = ["uid", "key", "position", "status", "reason", "caption_similarities"]
+
+
 @cache
 def _language_identifier():
     import gcld3
@@ -37,10 +42,9 @@ def detect_language(text: str) -> str:
     return _language_identifier().FindLanguage(text=text).language
 
 
-def sieve_scores(text_embedding: np.ndarray, caption_embeddings: np.ndarray, masked_captions: list[str]
-                 ) -> tuple[float, float, int]:
-    """(max cosine, mean cosine, index of the best caption); 0.0 when the best masked caption is empty."""
-    cosines = caption_embeddings @ text_embedding
+def sieve_scores(cosines: np.ndarray, masked_captions: list[str]) -> tuple[float, float, int]:
+    """(max cosine, mean cosine, index of the best caption) from the alt-text's cosine with each caption; 0.0 when
+    the best masked caption is empty."""
     best = int(np.argmax(cosines))
     score = 0.0 if len(masked_captions[best]) == 0 else float(cosines[best])
     return score, float(np.mean(cosines)), best
@@ -67,9 +71,9 @@ class ScoreStage(ShardStage):
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
         mask = make_masker(self.settings.mask_phrases, self.settings.mask_mode)
-        captions = self.read_upstream("captions", shard).to_pylist()
+        captions = self.read_upstream("captions", shard).select(CAPTION_COLUMNS).to_pylist()
         embeddings = {(e["position"], e["key"], e["uid"]): e  # joined on the sample, never on position alone
-                      for e in self.read_upstream(self.upstream, shard).to_pylist()}
+                      for e in self.read_upstream(self.upstream, shard).select(EMBEDDING_COLUMNS).to_pylist()}
         if len(embeddings) != len(captions):
             raise InconsistentRun(f"shard {shard.shard_id}: {len(captions)} caption rows but {len(embeddings)} "
                                   "embedding rows: re-run the embed stage")
@@ -85,12 +89,10 @@ class ScoreStage(ShardStage):
                 row.update(uid_hi=int(row["uid"][:16], 16), uid_lo=int(row["uid"][16:], 16))
             row.update(status=emb["status"], reason=emb["reason"])
             if emb["status"] == "ok":
-                score, mean, best = sieve_scores(
-                    np.asarray(emb["text_embedding"], np.float32), np.asarray(emb["caption_embeddings"], np.float32),
-                    [mask(c) for c in cap["captions"]],
-                )
+                score, mean, best = sieve_scores(np.asarray(emb["caption_similarities"], np.float32),
+                                                 [mask(c) for c in cap["captions"]])
                 row.update(sieve_score=score, sieve_mean=mean, best_caption=cap["captions"][best])
-                row["clip_score"] = self._clip_score(cap, emb)
+                row["clip_score"] = cap["metadata_clip_score" if self.settings.clip_from_metadata else "clip_score"]
                 width = cap["original_width"] or cap["width"]
                 height = cap["original_height"] or cap["height"]
                 row.update(basic_filter_features(cap["text"], width, height))
@@ -99,10 +101,3 @@ class ScoreStage(ShardStage):
                     row.update(status="failed", reason="non_finite_score")  # a model overflowed on this sample
             rows.append(row)
         return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), {}
-
-    def _clip_score(self, cap: dict[str, Any], emb: dict[str, Any]) -> float | None:
-        if self.settings.clip_from_metadata is not None:
-            return cap["metadata_clip_score"]
-        if emb["clip_image_embedding"] is None:
-            return None
-        return float(np.dot(np.asarray(emb["clip_image_embedding"]), np.asarray(emb["clip_text_embedding"])))

@@ -12,7 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_pipeline_bench.py"
-STAGES = ("caption", "embed", "score", "aggregate", "publish")
+STAGES = ("caption", "embed", "score", "aggregate")
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess:
@@ -29,16 +29,17 @@ def test_tiny_dry_run_reports_every_figure(tmp_path):
     summary = json.loads(out.read_text())
 
     assert summary["samples"] == 64 and summary["shards"] == 4 and summary["device"] == "cpu"
-    assert summary["mean_jpeg_kb"] > 0 and summary["caption_batch_size"] == "8"
+    assert summary["mean_jpeg_kb"] > 0 and summary["caption_batch_size"] == 8
     assert set(summary["machine"]) >= {"cpu", "cpus", "gpu", "torch", "transformers", "open_clip"}
     assert list(summary["stages"]) == list(STAGES)
     for stage, figures in summary["stages"].items():
         assert figures["rows"] == 64, stage
         assert figures["seconds"] > 0 and figures["rows_per_s"] > 0, stage
-        assert figures["gpu_busy_pct"] is None, stage  # no GPU: n/a, never a made-up figure
+    alone = summary["caption_task_alone"]
+    assert alone["rows"] == 64 and alone["rows_per_s"] > 0
+    assert alone["gpu_busy_pct"] is None  # no GPU: n/a, never a made-up figure
     e2e = summary["end_to_end"]
     assert e2e["samples"] == 64 and e2e["samples_per_s"] > 0 and e2e["gpu_busy_pct"] is None
-    assert e2e["seconds"] >= sum(f["seconds"] for f in summary["stages"].values()) - 0.1
     decoder = summary["decoder_alone"]
     assert decoder["batch"] == 8 and decoder["batches"] == 1 and decoder["img_per_s"] > 0
     assert decoder["gpu_busy_pct"] is None

@@ -28,7 +28,7 @@ KILL_POINTS = {
 STATE_AT_KILL = {
     "caption": {"captions/_done/00000000.json": True, "captions/_done/00000001.json": False},
     "embed": {"embeddings/_done/00000000.json": True, "embeddings/_done/00000001.json": False},
-    "score": {"embeddings/_done/00000001.json": True, "scores/_done/00000000.json": False},
+    "score": {"embeddings/_done/00000000.json": True, "scores/_done/00000000.json": False},  # shards pipelined
     "aggregate": {"scores/_done/00000001.json": True, "thresholds.json": False},
     "publish": {"thresholds.json": True, "manifest/summary.json": False},
 }

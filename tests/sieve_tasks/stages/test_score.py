@@ -87,10 +87,9 @@ def test_provided_captions_are_recorded_as_such(parity_run):
 
 
 def test_sieve_scores_rule_directly():
-    text = np.array([1.0, 0.0], np.float32)
-    caps = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
-    assert sieve_scores(text, caps, ["", "x"]) == (0.0, 0.5, 0)
-    assert sieve_scores(text, caps, [" ", "x"]) == (1.0, 0.5, 0)
+    cosines = np.array([1.0, 0.0], np.float32)  # the alt-text's cosine with each caption
+    assert sieve_scores(cosines, ["", "x"]) == (0.0, 0.5, 0)
+    assert sieve_scores(cosines, [" ", "x"]) == (1.0, 0.5, 0)
 
 
 def test_basic_filter_features():

@@ -1,0 +1,107 @@
+"""Does the image pass overlap the model? Measured without a GPU, through the library's API.
+
+    .venv/bin/python benchmarks/overlap_bench.py [--samples 384 --shards 2 --batch 32 --workers N]
+
+A stand-in captioner with a fixed cost per batch (it sleeps: like a GPU kernel it holds neither a core nor the
+GIL) replaces BLIP in the caption stage (``CaptionStage(run, settings, captioner=...)``, CLIP off). For real
+photos (≤ 512 px JPEGs, as benchmarks/gpu_pipeline_bench.py builds them) it measures:
+  data time   the image pass alone (read, validate, decode, resize, batch) over the shards, no model;
+  model time  batches × the stand-in's cost;
+  end to end  the caption stage's ``process`` of the same shards with the stand-in.
+Overlap efficiency = max(data, model) / end to end: 1.0 when the two run entirely side by side, about 0.5 when
+they take turns and cost the same. The stand-in's cost is set to 0.5×, 1× and 2× the measured data time per
+batch; 1× is the hard case (a sum would double the time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_pipeline_bench import write_shard  # noqa: E402
+
+from sieve_tasks.image_pass import ImagePass, Need, default_workers  # noqa: E402
+from sieve_tasks.pool import register_pool  # noqa: E402
+from sieve_tasks.settings import Settings  # noqa: E402
+from sieve_tasks.stages.caption import CaptionStage  # noqa: E402
+
+
+class FixedCostCaptioner:
+    """Stands in for BLIP: ``seconds`` per batch whatever its size, one caption per image."""
+
+    oom_splits = 0
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.batches = 0
+
+    def caption(self, pixel_values, seed: int) -> list[list[str]]:
+        time.sleep(self.seconds)
+        self.batches += 1
+        return [["a stand-in caption"] for _ in range(pixel_values.shape[0])]
+
+
+def data_time(shards, batch: int, workers: int) -> tuple[float, int]:
+    """Seconds of the image pass alone over ``shards``, and the number of batches it made."""
+    started, batches = time.perf_counter(), 0
+    for shard in shards:
+        for made in ImagePass((224,), Settings.max_pixels, batch, workers).batches(shard, lambda item: Need.PIXELS):
+            batches += bool(made.pixels)
+    return time.perf_counter() - started, batches
+
+
+def end_to_end(run: str, shards, batch: int, workers: int, seconds: float) -> tuple[float, int]:
+    settings = Settings(clip="none", caption_batch_size=batch, decode_workers=workers, device="cpu")
+    captioner = FixedCostCaptioner(seconds)
+    stage = CaptionStage(run, settings, captioner=captioner)
+    started = time.perf_counter()
+    for shard in shards:
+        stage.process(shard)
+    return time.perf_counter() - started, captioner.batches
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=384)
+    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--workers", type=int, default=None, help="decode threads (default: one per core)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--ratios", default="0.5,1,2", help="stand-in cost per batch, as multiples of the data time")
+    args = ap.parse_args(argv)
+    workers = args.workers or default_workers()
+    with tempfile.TemporaryDirectory(prefix="sieve-overlap-") as work:
+        pool = Path(work, "pool")
+        pool.mkdir()
+        for shard in range(args.shards):
+            write_shard(str(pool), shard, args.samples // args.shards, seed=0)
+        shards = register_pool(str(pool), str(Path(work, "run")))
+        data_time(shards[:1], args.batch, workers)  # warm-up: imports, allocator, page cache
+        data = statistics.median(data_time(shards, args.batch, workers)[0] for _ in range(args.repeats))
+        _, batches = data_time(shards, args.batch, workers)
+        print(f"{os.cpu_count()} cpus, {workers} decode workers, {args.samples} photos in {args.shards} shards, "
+              f"batch {args.batch}: image pass alone {data:.2f} s ({args.samples / data:.0f} img/s, {batches} batches)")
+        worst = 1.0
+        for ratio in (float(r) for r in args.ratios.split(",")):
+            cost = ratio * data / batches
+            runs = [end_to_end(str(Path(work, "run")), shards, args.batch, workers, cost) for _ in range(args.repeats)]
+            total = statistics.median(seconds for seconds, _ in runs)
+            model = runs[0][1] * cost
+            efficiency = max(data, model) / total
+            worst = min(worst, efficiency)
+            print(f"model {ratio:g}x data: data {data:.2f} s, model {model:.2f} s, sum {data + model:.2f} s, "
+                  f"end to end {total:.2f} s -> overlap efficiency {efficiency:.2f}")
+        print(f"overlap efficiency (worst of the ratios): {worst:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""The image pass: each image decoded once across all stages, batches in tar order, the models' own
+preprocessing, scores equal to the pipeline's before the image pass with every ``--embeddings`` choice."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from sieve_tasks import image_pass
+from sieve_tasks.cli import main
+from sieve_tasks.image_pass import ImagePass, Need
+from sieve_tasks.pool import register_pool
+
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "scores_before_image_pass.json"
+
+
+@pytest.fixture
+def decodes(monkeypatch) -> Counter:
+    """Every CPU decode, by image (SHA-256 of its bytes)."""
+    counted: Counter = Counter()
+    real = image_pass.decode
+    lock = threading.Lock()
+
+    def counting(data: bytes, max_pixels: int):
+        with lock:
+            counted[hashlib.sha256(data).hexdigest()] += 1
+        return real(data, max_pixels)
+
+    monkeypatch.setattr(image_pass, "decode", counting)
+    return counted
+
+
+def _images(pool: str) -> dict[str, int]:
+    """Image digest → samples holding it, over the pool's sidecars (every sample the tars hold)."""
+    found: Counter = Counter()
+    for path in sorted(Path(pool).glob("*.parquet")):
+        found.update(pq.read_table(path, columns=["sha256"]).column("sha256").to_pylist())
+    return dict(found)
+
+
+def test_each_image_is_decoded_once_across_all_stages(sample_pool, tmp_path, decodes):
+    run = str(tmp_path / "run")
+    for stage in ("caption", "embed", "score"):
+        assert main([stage, sample_pool, run, "--profile", "test"]) == 0
+    assert dict(decodes) == _images(sample_pool)  # the corrupt one too: one attempt, then its reason
+    decodes.clear()
+    assert main(["aggregate", run]) == 0
+    assert main(["publish", run]) == 0
+    assert 0 < sum(decodes.values()) <= 32  # the report's thumbnails, cut at publish: the one exception
+
+
+def test_provided_captions_without_clip_still_validate_each_image_once(sample_pool, tmp_path, decodes):
+    import pyarrow as pa
+
+    captions = tmp_path / "captions.parquet"
+    uids = [u for path in sorted(Path(sample_pool).glob("*.parquet"))
+            for u in pq.read_table(path, columns=["uid"]).column("uid").to_pylist()]
+    pq.write_table(pa.table({"uid": uids, "captions": [["a photo"]] * len(uids)}), captions)
+    run = str(tmp_path / "run")
+    for stage in ("caption", "embed", "score"):
+        assert main([stage, sample_pool, run, "--profile", "test", "--clip", "none", "--captions", str(captions)]) == 0
+    assert dict(decodes) == _images(sample_pool)
+
+
+@pytest.mark.parametrize("embeddings", ["fp32", "fp16", "none"])
+def test_scores_equal_the_pipeline_before_the_image_pass(sample_pool, tmp_path, embeddings):
+    run = tmp_path / "run"
+    assert main(["run", sample_pool, str(run), "--profile", "test", "--embeddings", embeddings,
+                 "--no-progress"]) == 0
+    reference = json.loads(REFERENCE.read_text())["scores"]
+    rows = {f"{r['shard']}:{r['position']}": r for r in pq.read_table(run / "scores").to_pylist()}
+    assert rows.keys() == reference.keys()
+    for key, expected in reference.items():
+        row = rows[key]
+        assert (row["status"], row["reason"], row["best_caption"]) == (
+            expected["status"], expected["reason"], expected["best_caption"]), key
+        for name in ("sieve_score", "sieve_mean", "clip_score"):
+            if expected[name] is None:
+                assert row[name] is None, (key, name)
+            else:
+                assert row[name] == pytest.approx(expected[name], abs=1e-6), (key, name)
+    captions = pq.read_table(run / "captions")
+    embedded = pq.read_table(run / "embeddings")
+    stored = {"clip_image_embedding", "clip_text_embedding", "text_embedding", "caption_embeddings"}
+    names = set(captions.column_names) | set(embedded.column_names)
+    assert "caption_similarities" in embedded.column_names
+    if embeddings == "none":
+        assert not names & stored
+    else:
+        assert stored <= names
+        vectors = captions.column("clip_image_embedding").combine_chunks()
+        assert vectors.type.value_type == ("float16" if embeddings == "fp16" else "float32")
+        ok = [s == "ok" for s in captions.column("status").to_pylist()]
+        assert [v is not None for v in vectors.to_pylist()] == ok
+        first = np.asarray(vectors[ok.index(True)].as_py(), np.float32)
+        assert abs(float(np.linalg.norm(first)) - 1) < 1e-2  # unit vectors
+
+
+def test_batches_hold_every_sample_once_in_tar_order(sample_pool, tmp_path):
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[-1]  # the shard with the corrupt image
+    images = ImagePass((224, 64), max_pixels=10**8, batch_size=3, workers=2)
+    batches = list(images.batches(shard, lambda item: Need.PIXELS))
+    items = [item for batch in batches for item in batch.items]
+    assert [item.sample.position for item in items] == list(range(len(items)))
+    assert [item.sample.reason for item in items].count("undecodable_image") == 1
+    for batch in batches:
+        views = [item for item in batch.items if item.slot is not None and item.sample.reason is None]
+        assert len(views) <= 3 and [item.slot for item in views] == list(range(len(views)))
+        assert {size: tuple(t.shape) for size, t in batch.pixels.items()} == {
+            224: (len(views), 3, 224, 224), 64: (len(views), 3, 64, 64)}
+
+
+def test_views_are_the_models_own_preprocessing(sample_pool, tmp_path):
+    from sieve_tasks.captioner import clip_style_transform
+    from sieve_tasks.encoders import ClipEncoder
+    from sieve_tasks.models import Device
+    from sieve_tasks.test_models import TINY_CLIP
+
+    clip = ClipEncoder(TINY_CLIP, Device.choose("cpu"), 8)
+    blip = clip_style_transform(224)
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
+    batch = next(ImagePass((224,), 10**8, batch_size=4, workers=1).batches(shard, lambda item: Need.PIXELS))
+    for item in batch.items[:4]:
+        picture = image_pass.decode(item.sample.image, 10**8)
+        view = batch.pixels[224][item.slot : item.slot + 1]
+        assert torch.equal(clip.view.normalize(view, torch.float32)[0], clip.preprocess(picture))
+        assert torch.equal(clip.view.normalize(view, torch.float32)[0], blip(picture))
+
+
+def test_a_consumer_that_stops_early_stops_the_producer(sample_pool, tmp_path):
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
+    before = threading.active_count()
+    images = ImagePass((32,), 10**8, batch_size=1, workers=2, prefetch=1)
+    for _ in images.batches(shard, lambda item: Need.PIXELS):
+        break
+    assert threading.active_count() == before
+
+
+def test_a_read_error_reaches_the_consumer(tmp_path):
+    from sieve_tasks.shards import Shard
+
+    missing = Shard("00000000", str(tmp_path / "00000000.tar"))
+    with pytest.raises(FileNotFoundError):
+        list(ImagePass((32,), 10**8, batch_size=2).batches(missing, lambda item: Need.PIXELS))
+
+
+def test_torchvision_jpeg_path_decodes_each_jpeg_once_and_falls_back_to_pil(sample_pool, tmp_path, decodes):
+    """The path CUDA takes (nvJPEG), run with torchvision's CPU decoder: the same header check first, the same
+    reasons, views within a level or two of PIL's, and PIL only for what torchvision refuses."""
+    from PIL import Image
+
+    from sieve_tasks.shards import Shard
+
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[-1]  # holds the corrupt JPEG
+    reference = {item.sample.position: (item, batch.pixels[224][item.slot]) for batch in
+                 ImagePass((224,), 10**8, 4, 2).batches(shard, lambda item: Need.PIXELS)
+                 for item in batch.items if item.slot is not None and item.sample.reason is None}
+    decodes.clear()
+    items = {}
+    for batch in ImagePass((224,), 10**8, 4, 2, jpeg_decoder="torchvision").batches(shard, lambda item: Need.PIXELS):
+        for item in batch.items:
+            items[item.sample.position] = item
+            if item.sample.position in reference:
+                pil_item, pil_view = reference[item.sample.position]
+                assert (item.width, item.height) == (pil_item.width, pil_item.height)
+                difference = (batch.pixels[224][item.slot].float() - pil_view.float()).abs()
+                assert float(difference.mean()) < 1.5
+    assert sum(decodes.values()) == 0  # every JPEG went through torchvision
+    assert [i.sample.reason for i in items.values()].count("undecodable_image") == 1
+    assert items.keys() - reference.keys() == {p for p, i in items.items() if i.sample.reason is not None}
+
+    # a PNG and a JPEG torchvision refuses (CMYK is valid for PIL) go through PIL, once each
+    import io
+    import tarfile
+
+    def member(tar, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+    png, cmyk = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(png, format="PNG")
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(cmyk, format="JPEG")
+    tar_path = tmp_path / "mixed" / "00000000.tar"
+    tar_path.parent.mkdir()
+    with tarfile.open(tar_path, "w") as tar:
+        for key, ext, payload in (("a", "png", png.getvalue()), ("b", "jpg", cmyk.getvalue())):
+            member(tar, f"{key}.{ext}", payload)
+            member(tar, f"{key}.txt", b"an alt-text")
+            member(tar, f"{key}.json", json.dumps({"uid": f"{ord(key):032x}"}).encode())
+    decodes.clear()
+    images = ImagePass((32,), 10**8, 4, 1, jpeg_decoder="torchvision")
+    batch = next(images.batches(Shard("00000000", str(tar_path)), lambda item: Need.PIXELS))
+    assert [item.sample.reason for item in batch.items] == [None, None]
+    assert sum(decodes.values()) == 1 + images.gpu_refused  # the PNG, and the CMYK JPEG if refused
+    assert batch.pixels[32].shape == (2, 3, 32, 32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_batches_on_cuda_match_pil(sample_pool, tmp_path):
+    """On CUDA the JPEGs are decoded by nvJPEG on the producer's stream; the consumer sees them after the event."""
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[-1]
+    reference = {item.sample.position: batch.pixels[224][item.slot] for batch in
+                 ImagePass((224,), 10**8, 4, 2).batches(shard, lambda item: Need.PIXELS)
+                 for item in batch.items if item.slot is not None and item.sample.reason is None}
+    images = ImagePass((224,), 10**8, 4, 2, device="cuda")
+    seen = 0
+    for batch in images.batches(shard, lambda item: Need.PIXELS):
+        pixels = batch.pixels_on(torch.device("cuda"))
+        for item in batch.items:
+            if item.sample.position in reference:
+                assert pixels[224].device.type == "cuda"
+                difference = (pixels[224][item.slot].cpu().float() - reference[item.sample.position].float()).abs()
+                assert float(difference.mean()) < 2.0
+                seen += 1
+    assert seen == len(reference) and images.gpu_refused == 0
