@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from PIL import Image
 
+from sieve_tasks import storage
 from sieve_tasks.shards import Sample, SampleError, Shard, decode_image, open_image, read_samples
 
 if TYPE_CHECKING:  # torch is imported where it is used: the report reads images through this module without it
@@ -149,6 +150,23 @@ def view_of(image: Image.Image, size: int) -> torch.Tensor:
     return F.pil_to_tensor(resized)
 
 
+def tensor_view(image: torch.Tensor, size: int) -> torch.Tensor:
+    """:func:`view_of` for a decoded uint8 ``(3, H, W)`` tensor on any device: torchvision's output size and crop
+    offsets, bicubic with antialiasing, rounded back to uint8 (a few kernels, little Python per image)."""
+    import torch
+    import torch.nn.functional as F
+
+    height, width = image.shape[-2:]
+    if height <= width:
+        new_height, new_width = size, int(size * width / height)
+    else:
+        new_height, new_width = int(size * height / width), size
+    resized = F.interpolate(image[None].float(), size=(new_height, new_width), mode="bicubic", antialias=True,
+                            align_corners=False)[0]
+    top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+    return resized[:, top : top + size, left : left + size].round_().clamp_(0, 255).to(torch.uint8)
+
+
 class ImagePass:
     """Reads a shard once and yields :class:`ImageBatch` es of at most ``batch_size`` samples with views, in tar
     order; ``sizes`` are the view sizes the models need."""
@@ -190,7 +208,8 @@ class ImagePass:
         returned stream yields its batches and must be closed."""
         results: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
-        producer = threading.Thread(target=self._produce, args=(shard, need, digests, results, stop),
+        producer = threading.Thread(target=storage.carrying_options(self._produce),
+                                    args=(shard, need, digests, results, stop),
                                     name=f"image-pass-{shard.shard_id}", daemon=True)
         producer.start()
         return BatchStream(producer, results, stop)
@@ -292,7 +311,6 @@ class ImagePass:
         import torch
 
         from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.transforms.v2 import functional as F
 
         jpegs = [item for item in with_view if item.jpeg]
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
@@ -314,8 +332,7 @@ class ImagePass:
                         item.sample.reason = str(exc)
                     continue
                 for size in self.sizes:
-                    pixels[size][item.slot] = F.center_crop(
-                        F.resize(image, [size], interpolation=F.InterpolationMode.BICUBIC, antialias=True), [size, size])
+                    pixels[size][item.slot] = tensor_view(image, size)
             for item in with_view:
                 if item.views is not None:
                     for size, view in item.views.items():

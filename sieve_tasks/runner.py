@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
 
 from tqdm import tqdm
 
+from sieve_tasks import storage
 from sieve_tasks.pool import register_pool, select_shards
 from sieve_tasks.report.health import HealthRules
-from sieve_tasks.settings import Settings
+from sieve_tasks.settings import Settings, fingerprint
 from sieve_tasks.shards import Shard
 from sieve_tasks.stages.aggregate import aggregate
 from sieve_tasks.stages.base import ShardStage
@@ -26,9 +29,15 @@ log = logging.getLogger(__name__)
 SHARD_STAGES: dict[str, type[ShardStage]] = {"caption": CaptionStage, "embed": EmbedStage, "score": ScoreStage}
 
 
+# Threads hand the GIL to each other at most every this many seconds (Python's default: 5 ms). The image pass's
+# reader, decode threads and the model's launching thread each give it up often (I/O, syncs) and need it back soon.
+SWITCH_INTERVAL = 0.0005
+
+
 def run_shard_stage(name: str, input_spec: str, run: str, settings: Settings, shard_ids: list[str] | None = None,
                     progress: bool = False) -> list[dict[str, Any]]:
     """Run one per-shard stage over the named shards (all by default); returns their completion markers."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     shards = select_shards(register_pool(input_spec, run), shard_ids)
     stage = SHARD_STAGES[name](run, settings)
     if not isinstance(stage, CaptionStage):
@@ -49,27 +58,42 @@ def caption_shards(stage: CaptionStage, shards: Iterable[Shard]) -> Iterator[tup
 
 
 def run_all(input_spec: str, run: str, settings: Settings, progress: bool = True,
-            rules: HealthRules | None = None) -> dict[str, Any]:
+            rules: HealthRules | None = None, text_process: bool | None = None) -> dict[str, Any]:
     """caption → embed → score over every shard, then aggregate and publish (with the health ``rules``); resumes
     where it stopped. Shards are pipelined: while the image pass (caption stage) of one shard keeps the
-    accelerator busy, a second thread runs the text side (embed, score) of the shard before it."""
+    accelerator busy, the text side (embed, score) of the shard before it runs beside it — in a process of its
+    own when the models run on CUDA (``text_process=None``), so that the two sides do not share one GIL; in a
+    thread otherwise (a CPU has no idle accelerator to feed, and a process costs seconds to start)."""
     check_sources(settings)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     shards = select_shards(register_pool(input_spec, run), None)
-    caption, embed, score = CaptionStage(run, settings), EmbedStage(run, settings), ScoreStage(run, settings)
-    with ThreadPoolExecutor(1, thread_name_prefix="text-side") as text_side, \
-            tqdm(total=len(shards), desc="shards", unit="shard", disable=not progress) as bar:
+    caption = CaptionStage(run, settings)
+    if text_process is None:
+        text_process = caption.torch_device.type == "cuda"
+    executor = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if text_process
+                else ThreadPoolExecutor(1, thread_name_prefix="text-side"))
+    with executor as text_side, tqdm(total=len(shards), desc="shards", unit="shard", disable=not progress) as bar:
         pending: Future | None = None
         for shard, _ in caption_shards(caption, shards):
             if pending is not None:
                 pending.result()  # at most one shard waits for its text side: memory stays bounded
-            pending = text_side.submit(_text_side, embed, score, shard, bar)
+            pending = text_side.submit(text_side_of, run, settings, shard, storage.options_snapshot())
+            pending.add_done_callback(lambda _: bar.update())
         if pending is not None:
             pending.result()
     aggregate(run, settings)
     return publish(run, rules)
 
 
-def _text_side(embed: EmbedStage, score: ScoreStage, shard: Shard, bar: tqdm) -> None:
-    embed.run_shard(shard)
-    score.run_shard(shard)
-    bar.update()
+_TEXT_STAGES: dict[tuple[str, str], tuple[EmbedStage, ScoreStage]] = {}  # per process: models load once
+
+
+def text_side_of(run: str, settings: Settings, shard: Shard, options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Embed and score one shard (``sieve run``'s text side, in a thread or a process of its own) with the
+    caller's storage options."""
+    key = (run, fingerprint(settings.to_dict()))
+    if key not in _TEXT_STAGES:
+        _TEXT_STAGES[key] = (EmbedStage(run, settings), ScoreStage(run, settings))
+    with storage.restored_options(options):
+        for stage in _TEXT_STAGES[key]:
+            stage.run_shard(shard)

@@ -24,6 +24,7 @@ UID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 SHARD_NAME = re.compile(r"^[0-9A-Za-z_-]+$")
 MAX_TEXT_CHARS = 2000  # longer alt-texts are cut before the models (recorded as text_truncated)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
+READ_AHEAD = 8 << 20  # bytes read from a tar at a time
 
 
 class NoShardsFound(FileNotFoundError):
@@ -157,7 +158,9 @@ def read_samples(shard: Shard) -> Iterator[Sample]:
     parts: dict[str, bytes] = {}
     with storage.open_file(shard.tar_uri) as raw, storage.naming("reading", shard.tar_uri, (OSError,)):
         try:
-            with tarfile.open(fileobj=raw, mode="r|*") as tar:
+            # a large read-ahead buffer: tarfile reads a few KB at a time, and every read that reaches the file
+            # releases the GIL and may wait milliseconds to get it back while decode threads run
+            with tarfile.open(fileobj=io.BufferedReader(raw, READ_AHEAD), mode="r|*") as tar:
                 for member in tar:
                     key, ext = _split_name(member.name)
                     problem = _member_problem(member, key, ext)

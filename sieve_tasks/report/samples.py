@@ -13,8 +13,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from sieve_tasks import storage
-from sieve_tasks.image_pass import decode, image_bytes
+from sieve_tasks import image_pass, storage
 from sieve_tasks.shards import DEFAULT_MAX_PIXELS, SampleError, Shard
 from sieve_tasks.stages.aggregate import candidate_filter, score_expression
 
@@ -115,7 +114,7 @@ class SampleGrids:
         for shard_id in sorted({r["shard"] for r in picked}):
             wanted = {r["position"] for r in picked if r["shard"] == shard_id}
             try:
-                for position, image in image_bytes(self.shards[shard_id], wanted).items():
+                for position, image in image_pass.image_bytes(self.shards[shard_id], wanted).items():
                     thumbnails[(shard_id, position)] = thumbnail_uri(image)
             except OSError as exc:  # the input moved or expired since captioning: the grid says "no image"
                 log.warning("no thumbnails from shard %s: %s", shard_id, exc)
@@ -158,7 +157,7 @@ def score_bands(histogram: dict[str, Any] | None, threshold: float, needed: int)
 def thumbnail_uri(image: bytes) -> str | None:
     """A JPEG data URI of at most THUMBNAIL_PX on the longest side (None when the image does not decode)."""
     try:
-        picture = decode(image, DEFAULT_MAX_PIXELS)
+        picture = image_pass.decode(image, DEFAULT_MAX_PIXELS)
     except SampleError:
         return None
     picture.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
