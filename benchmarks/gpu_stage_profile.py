@@ -50,7 +50,7 @@ class StackSampler:
                     if ours is None and "sieve_tasks" in frame.f_code.co_filename:
                         ours = frame
                     frame = frame.f_back
-                where = f"{Path(inner.f_code.co_filename).name}:{inner.f_code.co_name}"
+                where = f"{Path(inner.f_code.co_filename).name}:{inner.f_code.co_name}:{inner.f_lineno}"
                 if ours is not None and ours is not inner:
                     where = f"{Path(ours.f_code.co_filename).name}:{ours.f_code.co_name}:{ours.f_lineno} > {where}"
                 self.counts[names.get(ident, str(ident))][where] += 1

@@ -4,9 +4,6 @@ per batch (never a Python float per component)."""
 from __future__ import annotations
 
 import os
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from itertools import islice
 from pickle import UnpicklingError
 
 import numpy as np
@@ -17,12 +14,9 @@ from sieve_tasks.int8 import quantize_linears
 from sieve_tasks.models import Device, materialize
 from sieve_tasks.test_models import is_test_model, tiny_model_dir
 
-TOKENIZE_AHEAD = 2  # batches tokenised ahead of the model
-
-
 class TextEncoder:
     """Normalised sentence embeddings through sentence-transformers' modules: each distinct text once, in one
-    length-sorted pass over a shard, with the next batches tokenised in a thread while the model runs.
+    pass over a shard sorted by token length.
 
     ``int8=True`` swaps the model's linear layers for :class:`sieve_tasks.int8.Int8Linear` (CPU only)."""
 
@@ -45,25 +39,32 @@ class TextEncoder:
         return self._encode_distinct(list(unique))[inverse.reshape(-1)]
 
     def _encode_distinct(self, texts: list[str]) -> np.ndarray:
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        batches = [[texts[i] for i in order[start : start + self.batch_size]]
-                   for start in range(0, len(texts), self.batch_size)]
+        """All texts tokenised in one call (the fast tokenizer works in native threads without the GIL), then
+        batches of similar token length, padded with numpy, through the model: no thread doing Python work
+        beside the one launching the model, which would make it wait for the GIL at every operation."""
+        dim = self.model.get_sentence_embedding_dimension()
+        if not texts:
+            return np.zeros((0, dim), np.float32)
+        tokenizer = self.model.tokenizer
+        ids = tokenizer(texts, truncation=True, max_length=self.model.max_seq_length, padding=False,
+                        return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+        order = np.argsort(-lengths, kind="stable")
         vectors: list[torch.Tensor] = []
-        with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as tokenizer, torch.inference_mode():
-            upcoming = iter(batches)
-            ahead: deque[Future[dict]] = deque(tokenizer.submit(self.model.preprocess, b)
-                                               for b in islice(upcoming, TOKENIZE_AHEAD))
-            while ahead:
-                features = {k: v.to(self.device.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                            for k, v in ahead.popleft().result().items()}
-                following = next(upcoming, None)
-                if following is not None:
-                    ahead.append(tokenizer.submit(self.model.preprocess, following))
+        with torch.inference_mode():
+            for start in range(0, len(texts), self.batch_size):
+                chosen = order[start : start + self.batch_size]
+                width = int(lengths[chosen[0]])
+                batch = np.full((len(chosen), width), tokenizer.pad_token_id, np.int64)
+                for row, index in enumerate(chosen):
+                    batch[row, : lengths[index]] = ids[index]
+                input_ids = torch.from_numpy(batch)
+                features = {"input_ids": input_ids, "token_type_ids": torch.zeros_like(input_ids),
+                            "attention_mask": torch.from_numpy(np.arange(width) < lengths[chosen, None]).long()}
+                features = {k: v.to(self.device.device, non_blocking=True) for k, v in features.items()}
                 embedded = self.model(features)["sentence_embedding"]
                 vectors.append(torch.nn.functional.normalize(embedded.float(), p=2, dim=1))
-        if not vectors:
-            return np.zeros((0, self.model.get_sentence_embedding_dimension()), np.float32)
-        out = np.empty((len(texts), vectors[0].shape[1]), np.float32)
+        out = np.empty((len(texts), dim), np.float32)
         out[order] = torch.cat(vectors).cpu().numpy()  # one copy off the device per shard
         return out
 

@@ -29,9 +29,10 @@ log = logging.getLogger(__name__)
 SHARD_STAGES: dict[str, type[ShardStage]] = {"caption": CaptionStage, "embed": EmbedStage, "score": ScoreStage}
 
 
-# Threads hand the GIL to each other at most every this many seconds (Python's default: 5 ms). The image pass's
-# reader, decode threads and the model's launching thread each give it up often (I/O, syncs) and need it back soon.
-SWITCH_INTERVAL = 0.0005
+# A thread waiting for the GIL gets it after at most this many seconds (Python's default: 5 ms). The thread that
+# launches the models gives the GIL up at every torch operation and must get it back at once, while the image
+# pass's reader and decode threads run Python beside it.
+SWITCH_INTERVAL = 0.0002
 
 
 def run_shard_stage(name: str, input_spec: str, run: str, settings: Settings, shard_ids: list[str] | None = None,

@@ -6,6 +6,7 @@ same settings is not captioned again (nor decoded, unless CLIP needs its pixels)
 
 from __future__ import annotations
 
+import itertools
 import time
 import zlib
 from typing import Any
@@ -161,6 +162,23 @@ class CaptionStage(ShardStage):
         return captioning.run()
 
 
+View = tuple[torch.Tensor, int]  # an image's model view: (a batch's uint8 views, its row there)
+
+
+def gather(views: list[View]) -> torch.Tensor:
+    """The given rows of a few batch tensors as one tensor: a slice where they are consecutive rows of one tensor
+    (the usual case), else one ``index_select`` per tensor."""
+    parts = []
+    for _, group in itertools.groupby(views, key=lambda view: id(view[0])):
+        group = list(group)
+        tensor, slots = group[0][0], [slot for _, slot in group]
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            parts.append(tensor[slots[0] : slots[0] + len(slots)])
+        else:
+            parts.append(tensor.index_select(0, torch.tensor(slots, device=tensor.device)))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class _ShardCaptioning:
     """One shard through the image pass: captions in caption batches (seeded by their first sample, so they do not
     depend on how the pass batches images), CLIP per image batch, cache hits fetched together."""
@@ -176,8 +194,8 @@ class _ShardCaptioning:
         self.stream: BatchStream | None = None
         self.batch_size = stage.batch_size
         self.rows: list[dict[str, Any]] = []
-        self.waiting: list[tuple[dict[str, Any], torch.Tensor, bytes | None]] = []  # row, BLIP view, digest
-        self.candidates: list[tuple[dict[str, Any], Item, dict[int, torch.Tensor] | None]] = []
+        self.waiting: list[tuple[dict[str, Any], View, bytes | None]] = []  # row, BLIP view, digest
+        self.candidates: list[tuple[dict[str, Any], Item, View | None]] = []
         self.fresh: list[tuple[bytes, list[str], float]] = []  # new cache entries: digest, captions, seconds
         self.hits: list[bytes] = []
         self.clip_rows: list[np.ndarray] = []
@@ -226,7 +244,7 @@ class _ShardCaptioning:
         self.rows.append(row)
         if row["reason"] is not None:
             return
-        own = {size: v[item.slot : item.slot + 1] for size, v in views.items()} if item.slot is not None else None
+        own = (views[self.stage.blip_view.size], item.slot) if item.slot is not None else None
         if row["uid"] in self.provided:
             row["captions"], row["caption_source"] = self.provided[row["uid"]], "provided"
             if not row["captions"] or not all(isinstance(c, str) for c in row["captions"]):
@@ -239,9 +257,9 @@ class _ShardCaptioning:
             self.counts.misses += self.index is not None
             self.caption_later(row, own, item.digest)
 
-    def caption_later(self, row: dict[str, Any], views: dict[int, torch.Tensor], digest: bytes | None) -> None:
+    def caption_later(self, row: dict[str, Any], view: View, digest: bytes | None) -> None:
         row["caption_source"] = "captioner"
-        self.waiting.append((row, views[self.stage.blip_view.size], digest))
+        self.waiting.append((row, view, digest))
         if len(self.waiting) == self.batch_size:
             self.flush()
 
@@ -251,7 +269,7 @@ class _ShardCaptioning:
         seed = zlib.crc32(f"{self.settings.seed}:{self.shard.shard_id}:{self.waiting[0][0]['position']}".encode())
         captioner = self.stage.captioner  # loaded before the clock starts: an entry's seconds are captioning only
         started = time.perf_counter()
-        pixels = self.stage.blip_view.normalize(torch.cat([view for _, view, _ in self.waiting]),
+        pixels = self.stage.blip_view.normalize(gather([view for _, view, _ in self.waiting]),
                                                 self.stage.device.dtype)
         captions = captioner.caption(pixels, seed)
         seconds = (time.perf_counter() - started) / len(self.waiting)
@@ -265,7 +283,7 @@ class _ShardCaptioning:
         """Captions of the candidate hits, fetched together; a candidate not found is captioned (decoded first
         if the pass only read its header)."""
         found = self.index.fetch(item.digest for _, item, _ in self.candidates)
-        for row, item, views in self.candidates:
+        for row, item, view in self.candidates:
             cached = found.get(item.digest)
             if cached is not None:
                 row["captions"], row["caption_source"] = cached.captions, "cache"
@@ -274,13 +292,13 @@ class _ShardCaptioning:
                 self.hits.append(item.digest)
                 continue
             self.counts.misses += 1
-            if views is None:
+            if view is None:
                 try:
-                    views = {size: v.to(self.stage.torch_device) for size, v in self.images.decode_views(item).items()}
+                    view = (self.images.decode_views(item)[self.stage.blip_view.size].to(self.stage.torch_device), 0)
                 except SampleError as exc:
                     row["reason"] = str(exc)
                     continue
-            self.caption_later(row, views, item.digest)
+            self.caption_later(row, view, item.digest)
         self.candidates.clear()
 
     def embed_clip(self, items: list[Item], views: dict[int, torch.Tensor], first: int) -> None:
