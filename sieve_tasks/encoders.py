@@ -8,11 +8,17 @@ from pickle import UnpicklingError
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sieve_tasks.image_pass import ImageView
 from sieve_tasks.int8 import quantize_linears
 from sieve_tasks.models import Device, materialize
 from sieve_tasks.test_models import is_test_model, tiny_model_dir
+
+PAD_TO = 8  # batch widths are multiples of this: few distinct shapes, tensor-core friendly
+# cuDNN's attention builds a plan for every new shape: with one batch width per length bucket that costs more
+# than it saves, so the sentence encoder uses the others
+ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 class TextEncoder:
     """Normalised sentence embeddings through sentence-transformers' modules: each distinct text once, in one
@@ -32,6 +38,7 @@ class TextEncoder:
             quantize_linears(self.model)
         self.batch_size = batch_size
         self.device = device
+        self.dim = self.model.get_embedding_dimension()
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dim) float32 unit vectors; repeated texts (captions repeat a lot) are encoded once."""
@@ -42,19 +49,18 @@ class TextEncoder:
         """All texts tokenised in one call (the fast tokenizer works in native threads without the GIL), then
         batches of similar token length, padded with numpy, through the model: no thread doing Python work
         beside the one launching the model, which would make it wait for the GIL at every operation."""
-        dim = self.model.get_sentence_embedding_dimension()
         if not texts:
-            return np.zeros((0, dim), np.float32)
+            return np.zeros((0, self.dim), np.float32)
         tokenizer = self.model.tokenizer
         ids = tokenizer(texts, truncation=True, max_length=self.model.max_seq_length, padding=False,
                         return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
         order = np.argsort(-lengths, kind="stable")
         vectors: list[torch.Tensor] = []
-        with torch.inference_mode():
+        with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS):
             for start in range(0, len(texts), self.batch_size):
                 chosen = order[start : start + self.batch_size]
-                width = int(lengths[chosen[0]])
+                width = -(-int(lengths[chosen[0]]) // PAD_TO) * PAD_TO
                 batch = np.full((len(chosen), width), tokenizer.pad_token_id, np.int64)
                 for row, index in enumerate(chosen):
                     batch[row, : lengths[index]] = ids[index]
@@ -64,7 +70,7 @@ class TextEncoder:
                 features = {k: v.to(self.device.device, non_blocking=True) for k, v in features.items()}
                 embedded = self.model(features)["sentence_embedding"]
                 vectors.append(torch.nn.functional.normalize(embedded.float(), p=2, dim=1))
-        out = np.empty((len(texts), dim), np.float32)
+        out = np.empty((len(texts), self.dim), np.float32)
         out[order] = torch.cat(vectors).cpu().numpy()  # one copy off the device per shard
         return out
 

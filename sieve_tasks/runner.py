@@ -74,7 +74,7 @@ def run_all(input_spec: str, run: str, settings: Settings, progress: bool = True
     executor = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if text_process
                 else ThreadPoolExecutor(1, thread_name_prefix="text-side"))
     with executor as text_side, tqdm(total=len(shards), desc="shards", unit="shard", disable=not progress) as bar:
-        pending: Future | None = None
+        pending: Future | None = text_side.submit(text_side_of, run, settings, None, {})  # loads while captioning
         for shard, _ in caption_shards(caption, shards):
             if pending is not None:
                 pending.result()  # at most one shard waits for its text side: memory stays bounded
@@ -89,12 +89,15 @@ def run_all(input_spec: str, run: str, settings: Settings, progress: bool = True
 _TEXT_STAGES: dict[tuple[str, str], tuple[EmbedStage, ScoreStage]] = {}  # per process: models load once
 
 
-def text_side_of(run: str, settings: Settings, shard: Shard, options: Mapping[str, Mapping[str, Any]]) -> None:
+def text_side_of(run: str, settings: Settings, shard: Shard | None, options: Mapping[str, Mapping[str, Any]]) -> None:
     """Embed and score one shard (``sieve run``'s text side, in a thread or a process of its own) with the
-    caller's storage options."""
+    caller's storage options; without a shard, only load the sentence encoder."""
     key = (run, fingerprint(settings.to_dict()))
     if key not in _TEXT_STAGES:
         _TEXT_STAGES[key] = (EmbedStage(run, settings), ScoreStage(run, settings))
+    if shard is None:
+        _TEXT_STAGES[key][0].text_encoder
+        return
     with storage.restored_options(options):
         for stage in _TEXT_STAGES[key]:
             stage.run_shard(shard)

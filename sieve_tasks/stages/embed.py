@@ -55,7 +55,7 @@ class EmbedStage(ShardStage):
             text_vectors, caption_vectors = vectors[: len(ok)], vectors[len(ok):]
             similarities = np.einsum("ij,ij->i", caption_vectors, np.repeat(text_vectors, counts, axis=0))
         else:
-            dim = self.text_encoder.model.get_sentence_embedding_dimension()  # every shard's columns look alike
+            dim = self.text_encoder.dim  # every shard's columns look alike
             text_vectors = caption_vectors = np.zeros((0, dim), np.float32)
             similarities = np.zeros(0, np.float32)
         table = table.append_column("caption_similarities", lists_column(rows, ok, counts, similarities, np.float32))
