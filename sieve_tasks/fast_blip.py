@@ -110,7 +110,9 @@ class _StaticStep:
         self.bias[:, 0] = 0  # warm-up and capture run on position 0: no all -inf softmax (NaN) in the cache
         self.tok = torch.full((rows,), dec.pad_id, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.cross = [(torch.zeros((images, dec.heads, dec.head_dim, image_tokens), device=dev, dtype=dt),
+        key_shape = ((images, dec.heads, image_tokens, dec.head_dim) if dec.sdpa_text
+                     else (images, dec.heads, dec.head_dim, image_tokens))
+        self.cross = [(torch.zeros(key_shape, device=dev, dtype=dt),
                        torch.zeros((images, dec.heads, image_tokens, dec.head_dim), device=dev, dtype=dt))
                       for _ in dec.layers]
         head = dec.head_out
@@ -171,7 +173,7 @@ class FastBlipDecoder:
     TIE_MARGIN = 50  # extra top-k candidates that hold tokens tied with the k-th value (see sync_free_scores)
 
     def __init__(self, model: torch.nn.Module, *, compile: bool = False, sdpa_vision: bool = True,
-                 cuda_graphs: bool | None = None, sync_free: bool | None = None):
+                 cuda_graphs: bool | None = None, sync_free: bool | None = None, sdpa_text: bool | None = None):
         self.model = model
         text = model.text_decoder
         cfg = text.config
@@ -196,6 +198,9 @@ class FastBlipDecoder:
         on_cuda = self.device.type == "cuda"
         self.cuda_graphs = (on_cuda and not compile) if cuda_graphs is None else cuda_graphs
         self.sync_free = on_cuda if sync_free is None else sync_free
+        # the decoder's attention through SDPA's fused kernels on CUDA (plain matmuls there run as small batched
+        # GEMMs and GEMVs); on CPU the plain matmuls are an order of magnitude faster than its kernels
+        self.sdpa_text = on_cuda if sdpa_text is None else sdpa_text
         self._graphs: OrderedDict[tuple[int, int, int, int], _StaticStep] = OrderedDict()
 
     # ------------------------------------------------------------------ model pieces
@@ -230,10 +235,14 @@ class FastBlipDecoder:
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(-2, -3)
 
     def cross_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per layer cross-attention keys, transposed to (images, heads, head_dim, image_tokens), and values
-        (images, heads, image_tokens, head_dim): computed once per image, shared by its samples and all steps."""
-        return [(self._heads(_lin(image_embeds, ly.ck)).transpose(-1, -2).contiguous(),
-                 self._heads(_lin(image_embeds, ly.cv)).contiguous()) for ly in self.layers]
+        """Per layer cross-attention keys (images, heads, image_tokens, head_dim) — for the plain matmuls
+        transposed to (images, heads, head_dim, image_tokens) — and values (images, heads, image_tokens,
+        head_dim): computed once per image, shared by its samples and all steps."""
+        keys = [self._heads(_lin(image_embeds, ly.ck)) for ly in self.layers]
+        if not self.sdpa_text:
+            keys = [k.transpose(-1, -2) for k in keys]
+        return [(k.contiguous(), self._heads(_lin(image_embeds, ly.cv)).contiguous())
+                for k, ly in zip(keys, self.layers)]
 
     def _cross_ffn(self, ly: _Layer, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Cross-attention + feed-forward for x of shape (images * samples, [T,] hidden), rows image-major.
@@ -242,10 +251,13 @@ class FastBlipDecoder:
         so the image keys/values are never repeated. Plain matmuls: for a handful of queries against ~200 keys
         they beat the CPU flash-attention kernel by an order of magnitude.
         """
-        kt, v = kv
-        q = _lin(x, ly.cq).view(kt.shape[0], -1, self.heads, self.head_dim).transpose(1, 2)
-        att = torch.matmul(q, kt).div_(self.scale_div).softmax(-1)  # (images, heads, samples*T, image_tokens)
-        ctx = torch.matmul(att, v).transpose(1, 2).reshape(x.shape)
+        k, v = kv
+        q = _lin(x, ly.cq).view(k.shape[0], -1, self.heads, self.head_dim).transpose(1, 2)
+        if self.sdpa_text:
+            ctx = F.scaled_dot_product_attention(q, k, v, scale=1 / self.scale_div)
+        else:  # k is transposed: (images, heads, head_dim, image_tokens)
+            ctx = torch.matmul(torch.matmul(q, k).div_(self.scale_div).softmax(-1), v)
+        ctx = ctx.transpose(1, 2).reshape(x.shape)
         x = _ln(_lin(ctx, ly.co) + x, ly.ln2)
         return _ln(_lin(ly.act(_lin(x, ly.fc1)), ly.fc2) + x, ly.ln3)
 
@@ -280,8 +292,12 @@ class FastBlipDecoder:
             ck, cv = cache_k[i], cache_v[i]  # (rows, heads, T, head_dim)
             ck.index_copy_(2, pos, k)
             cv.index_copy_(2, pos, v)
-            att = (torch.matmul(q, ck.transpose(-1, -2)).div_(self.scale_div) + bias).softmax(-1)
-            ctx = torch.matmul(att, cv).view(rows, self.hidden)
+            if self.sdpa_text:
+                ctx = F.scaled_dot_product_attention(q, ck, cv, attn_mask=bias, scale=1 / self.scale_div)
+            else:
+                att = (torch.matmul(q, ck.transpose(-1, -2)).div_(self.scale_div) + bias).softmax(-1)
+                ctx = torch.matmul(att, cv)
+            ctx = ctx.reshape(rows, self.hidden)
             x = _ln(_lin(ctx, ly.o) + x, ly.ln1)
             x = self._cross_ffn(ly, x, cross[i])
         return self._logits(x, out)

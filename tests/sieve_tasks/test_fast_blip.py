@@ -90,17 +90,19 @@ def test_greedy_tokens_equal_transformers(which, request):
     assert ours.shape[1] <= 20 and (ours[:, 0] == model.config.text_config.bos_token_id).all()
 
 
+@pytest.mark.parametrize("sdpa_text", [False, True])
 @pytest.mark.parametrize("which", MODELS)
-def test_sampling_with_hf_rng_reproduces_transformers_tokens_and_scores(which, request):
+def test_sampling_with_hf_rng_reproduces_transformers_tokens_and_scores(which, sdpa_text, request):
     """Same seed, same random draws: identical captions, and every step's processed scores (repetition penalty,
-    min length, transformers' implicit top_k=50, top_p=0.9) equal transformers' own ``output_scores``."""
+    min length, transformers' implicit top_k=50, top_p=0.9) equal transformers' own ``output_scores`` — with the
+    decoder's attention as plain matmuls (CPU's default) and through SDPA (CUDA's)."""
     model, prompt = request.getfixturevalue(which)
     pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     torch.manual_seed(7)
     ref = _hf_generate(model, prompt, pixels, do_sample=True, top_p=0.9, num_return_sequences=8, output_scores=True,
                        return_dict_in_generate=True, **SIEVE)
-    ours, scores = FastBlipDecoder(model).generate(pixels, prompt, Settings(), seed=7, hf_rng=True,
-                                                   output_scores=True)
+    ours, scores = FastBlipDecoder(model, sdpa_text=sdpa_text).generate(pixels, prompt, Settings(), seed=7,
+                                                                        hf_rng=True, output_scores=True)
     assert ours.shape[0] == 16
     assert torch.equal(ours, ref.sequences)
     assert len(scores) == len(ref.scores)
