@@ -11,7 +11,7 @@ from PIL import Image
 from sieve_tasks.blip_checkpoint import BlipCheckpointLoader, is_blip_checkpoint
 from sieve_tasks.fast_blip import FastBlipDecoder, auto_caption_batch_size
 from sieve_tasks.int8 import quantize_linears
-from sieve_tasks.models import Device, is_oom, materialize
+from sieve_tasks.models import Device, is_oom, loads_alone, materialize
 from sieve_tasks.settings import Settings
 from sieve_tasks.test_models import is_test_model, tiny_model_dir
 
@@ -37,6 +37,7 @@ def clip_style_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
 class BlipCaptioner:
     """Writes ``num_captions`` nucleus-sampled captions per image, reproducibly for a given seed."""
 
+    @loads_alone
     def __init__(self, ref: str, device: Device, settings: Settings):
         from transformers import AutoTokenizer, BlipForConditionalGeneration
 

@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sieve_tasks.image_pass import ImageView
 from sieve_tasks.int8 import quantize_linears
-from sieve_tasks.models import Device, materialize
+from sieve_tasks.models import Device, loads_alone, materialize
 from sieve_tasks.test_models import is_test_model, tiny_model_dir
 
 PAD_TO = 8  # batch widths are multiples of this: few distinct shapes, tensor-core friendly
@@ -26,6 +26,7 @@ class TextEncoder:
 
     ``int8=True`` swaps the model's linear layers for :class:`sieve_tasks.int8.Int8Linear` (CPU only)."""
 
+    @loads_alone
     def __init__(self, ref: str, device: Device, batch_size: int, *, int8: bool = False):
         from sentence_transformers import SentenceTransformer
 
@@ -95,6 +96,7 @@ def open_clip_name(ref: str) -> tuple[str, str | None]:
 
 
 class ClipEncoder:
+    @loads_alone
     def __init__(self, ref: str, device: Device, batch_size: int):
         import open_clip
 

@@ -7,11 +7,13 @@ captioner and CLIP, whose weights cannot be had offline, for tiny random models 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +24,22 @@ if TYPE_CHECKING:  # torch is imported only by the stages that run models
     import torch
 
 log = logging.getLogger(__name__)
+
+_LOADING = threading.RLock()
+
+
+def loads_alone(init):
+    """For model constructors: one at a time per process. transformers and open_clip build models under
+    process-wide state (the meta device while weights load), which two threads loading at once corrupt —
+    ``sieve run`` loads the sentence encoder in its text-side thread while the caption stage may load BLIP."""
+
+    @functools.wraps(init)
+    def load(*args, **kwargs):
+        with _LOADING:
+            return init(*args, **kwargs)
+
+    return load
+
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-base"
 DEFAULT_TEXT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
