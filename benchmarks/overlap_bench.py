@@ -1,13 +1,14 @@
 """Does the image pass overlap the model? Measured without a GPU, through the library's API.
 
-    .venv/bin/python benchmarks/overlap_bench.py [--samples 384 --shards 2 --batch 32 --workers N]
+    .venv/bin/python benchmarks/overlap_bench.py [--samples 1024 --shards 1 --batch 32 --workers N]
 
 A stand-in captioner with a fixed cost per batch (it sleeps: like a GPU kernel it holds neither a core nor the
 GIL) replaces BLIP in the caption stage (``CaptionStage(run, settings, captioner=...)``, CLIP off). For real
 photos (≤ 512 px JPEGs, as benchmarks/gpu_pipeline_bench.py builds them) it measures:
   data time   the image pass alone (read, validate, decode, resize, batch) over the shards, no model;
   model time  batches × the stand-in's cost;
-  end to end  the caption stage's ``process`` of the same shards with the stand-in.
+  end to end  the caption stage over the same shards with the stand-in, as ``sieve run`` drives it
+              (``runner.caption_shards``: the next shard's images are decoded while one is captioned).
 Overlap efficiency = max(data, model) / end to end: 1.0 when the two run entirely side by side, about 0.5 when
 they take turns and cost the same. The stand-in's cost is set to 0.5×, 1× and 2× the measured data time per
 batch; 1× is the hard case (a sum would double the time).
@@ -30,6 +31,7 @@ from gpu_pipeline_bench import write_shard  # noqa: E402
 
 from sieve_tasks.image_pass import ImagePass, Need, default_workers  # noqa: E402
 from sieve_tasks.pool import register_pool  # noqa: E402
+from sieve_tasks.runner import caption_shards  # noqa: E402
 from sieve_tasks.settings import Settings  # noqa: E402
 from sieve_tasks.stages.caption import CaptionStage  # noqa: E402
 
@@ -50,28 +52,36 @@ class FixedCostCaptioner:
 
 
 def data_time(shards, batch: int, workers: int) -> tuple[float, int]:
-    """Seconds of the image pass alone over ``shards``, and the number of batches it made."""
+    """Seconds of the image pass alone over ``shards`` (the next shard started while one is consumed, as the
+    caption stage does), and the number of batches it made."""
+    images = ImagePass((224,), Settings.max_pixels, batch, workers)
     started, batches = time.perf_counter(), 0
-    for shard in shards:
-        for made in ImagePass((224,), Settings.max_pixels, batch, workers).batches(shard, lambda item: Need.PIXELS):
+    streams = [images.start(shards[0], lambda item: Need.PIXELS)]
+    for index in range(len(shards)):
+        if index + 1 < len(shards):
+            streams.append(images.start(shards[index + 1], lambda item: Need.PIXELS))
+        for made in streams[index]:
             batches += bool(made.pixels)
+        streams[index].close()
     return time.perf_counter() - started, batches
 
 
 def end_to_end(run: str, shards, batch: int, workers: int, seconds: float) -> tuple[float, int]:
+    """The caption stage over the shards as ``sieve run`` drives it (the next shard's images decoded while the
+    current one is captioned), into a fresh run directory."""
     settings = Settings(clip="none", caption_batch_size=batch, decode_workers=workers, device="cpu")
     captioner = FixedCostCaptioner(seconds)
-    stage = CaptionStage(run, settings, captioner=captioner)
+    stage = CaptionStage(tempfile.mkdtemp(dir=run), settings, captioner=captioner)
     started = time.perf_counter()
-    for shard in shards:
-        stage.process(shard)
+    for _ in caption_shards(stage, shards):
+        pass
     return time.perf_counter() - started, captioner.batches
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--samples", type=int, default=384)
-    ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=1024)
+    ap.add_argument("--shards", type=int, default=1, help="1: one DataComp-like shard (its per-shard costs amortised)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=None, help="decode threads (default: one per core)")
     ap.add_argument("--repeats", type=int, default=3)
@@ -83,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         pool.mkdir()
         for shard in range(args.shards):
             write_shard(str(pool), shard, args.samples // args.shards, seed=0)
-        shards = register_pool(str(pool), str(Path(work, "run")))
+        runs = Path(work, "runs")
+        runs.mkdir()
+        shards = register_pool(str(pool), str(runs / "pool"))
         data_time(shards[:1], args.batch, workers)  # warm-up: imports, allocator, page cache
         data = statistics.median(data_time(shards, args.batch, workers)[0] for _ in range(args.repeats))
         _, batches = data_time(shards, args.batch, workers)
@@ -92,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         worst = 1.0
         for ratio in (float(r) for r in args.ratios.split(",")):
             cost = ratio * data / batches
-            runs = [end_to_end(str(Path(work, "run")), shards, args.batch, workers, cost) for _ in range(args.repeats)]
-            total = statistics.median(seconds for seconds, _ in runs)
-            model = runs[0][1] * cost
+            timed = [end_to_end(str(runs), shards, args.batch, workers, cost) for _ in range(args.repeats)]
+            total = statistics.median(seconds for seconds, _ in timed)
+            model = timed[0][1] * cost
             efficiency = max(data, model) / total
             worst = min(worst, efficiency)
             print(f"model {ratio:g}x data: data {data:.2f} s, model {model:.2f} s, sum {data + model:.2f} s, "

@@ -10,6 +10,7 @@ from PIL import Image
 
 from sieve_tasks.blip_checkpoint import BlipCheckpointLoader, is_blip_checkpoint
 from sieve_tasks.fast_blip import FastBlipDecoder, auto_caption_batch_size
+from sieve_tasks.image_pass import ImageView
 from sieve_tasks.int8 import quantize_linears
 from sieve_tasks.models import Device, is_oom, loads_alone, materialize
 from sieve_tasks.settings import Settings
@@ -53,6 +54,7 @@ class BlipCaptioner:
         if settings.int8:
             quantize_linears(self.model)
         self.prompt_ids = self.tokenizer(settings.prompt, return_tensors="pt").input_ids
+        self.view = ImageView(settings.image_size, CLIP_MEAN, CLIP_STD)
         self.fast = FastBlipDecoder(self.model) if settings.fast_decode else None
         self.oom_splits = 0
 
@@ -65,7 +67,11 @@ class BlipCaptioner:
                                        image_tokens, self.device.dtype)
 
     def caption(self, pixel_values: torch.Tensor, seed: int) -> list[list[str]]:
-        """Captions for a batch of preprocessed images; an out-of-memory batch is retried in halves."""
+        """Captions for a batch of images: the image pass's uint8 views (normalised here, on the model's device)
+        or normalised pixels; an out-of-memory batch is retried in halves."""
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = self.view.normalize(pixel_values.to(self.device.device, non_blocking=True),
+                                               self.device.dtype)
         try:
             return self._generate(pixel_values, seed)
         except Exception as exc:

@@ -66,7 +66,7 @@ class ImageView:
 
         mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
-        return pixels.float().div(255).sub_(mean).div_(std).to(dtype)
+        return pixels.float().div_(255).sub_(mean).div_(std).to(dtype)
 
 
 @dataclass

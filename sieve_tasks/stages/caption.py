@@ -24,7 +24,7 @@ from sieve_tasks.caption_cache import (
     CaptionCache,
     cache_fingerprint,
 )
-from sieve_tasks.image_pass import BatchStream, ImagePass, ImageView, Item, Need
+from sieve_tasks.image_pass import BatchStream, ImagePass, Item, Need
 from sieve_tasks.models import Device
 from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
 from sieve_tasks.shards import UID_PATTERN, SampleError, Shard, canonical_uids, expected_samples
@@ -93,12 +93,6 @@ class CaptionStage(ShardStage):
         return self._clip
 
     @property
-    def blip_view(self) -> ImageView:
-        from sieve_tasks.captioner import CLIP_MEAN, CLIP_STD
-
-        return ImageView(self.settings.image_size, CLIP_MEAN, CLIP_STD)
-
-    @property
     def batch_size(self) -> int:
         """``--caption-batch-size``, else 8 on CPU and, on CUDA, what the captioner fits in free memory."""
         if self.settings.caption_batch_size is not None:
@@ -108,7 +102,7 @@ class CaptionStage(ShardStage):
         return self.captioner.auto_batch_size()
 
     def image_pass(self) -> ImagePass:
-        sizes = (self.blip_view.size,) + ((self.clip.view.size,) if self.settings.computes_clip else ())
+        sizes = (self.settings.image_size,) + ((self.clip.view.size,) if self.settings.computes_clip else ())
         return ImagePass(sizes, self.settings.max_pixels, self.batch_size, self.settings.decode_workers,
                          self.torch_device)
 
@@ -244,7 +238,7 @@ class _ShardCaptioning:
         self.rows.append(row)
         if row["reason"] is not None:
             return
-        own = (views[self.stage.blip_view.size], item.slot) if item.slot is not None else None
+        own = (views[self.settings.image_size], item.slot) if item.slot is not None else None
         if row["uid"] in self.provided:
             row["captions"], row["caption_source"] = self.provided[row["uid"]], "provided"
             if not row["captions"] or not all(isinstance(c, str) for c in row["captions"]):
@@ -269,9 +263,7 @@ class _ShardCaptioning:
         seed = zlib.crc32(f"{self.settings.seed}:{self.shard.shard_id}:{self.waiting[0][0]['position']}".encode())
         captioner = self.stage.captioner  # loaded before the clock starts: an entry's seconds are captioning only
         started = time.perf_counter()
-        pixels = self.stage.blip_view.normalize(gather([view for _, view, _ in self.waiting]),
-                                                self.stage.device.dtype)
-        captions = captioner.caption(pixels, seed)
+        captions = captioner.caption(gather([view for _, view, _ in self.waiting]), seed)
         seconds = (time.perf_counter() - started) / len(self.waiting)
         for (row, _, digest), caps in zip(self.waiting, captions):
             row["captions"] = caps
@@ -294,7 +286,7 @@ class _ShardCaptioning:
             self.counts.misses += 1
             if view is None:
                 try:
-                    view = (self.images.decode_views(item)[self.stage.blip_view.size].to(self.stage.torch_device), 0)
+                    view = (self.images.decode_views(item)[self.settings.image_size].to(self.stage.torch_device), 0)
                 except SampleError as exc:
                     row["reason"] = str(exc)
                     continue
