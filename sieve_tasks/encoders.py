@@ -3,6 +3,7 @@ per batch (never a Python float per component)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pickle import UnpicklingError
 
@@ -15,7 +16,7 @@ from sieve_tasks.int8 import quantize_linears
 from sieve_tasks.models import Device, loads_alone, materialize
 from sieve_tasks.test_models import is_test_model, tiny_model_dir
 
-PAD_TO = 8  # batch widths are multiples of this: few distinct shapes, tensor-core friendly
+PAD_TO = 8  # on CUDA, batch widths are multiples of this: few distinct shapes, tensor-core friendly
 # cuDNN's attention builds a plan for every new shape: with one batch width per length bucket that costs more
 # than it saves, so the sentence encoder uses the others
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -58,10 +59,12 @@ class TextEncoder:
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
         order = np.argsort(-lengths, kind="stable")
         vectors: list[torch.Tensor] = []
-        with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS):
+        on_cuda = torch.device(self.device.device).type == "cuda"
+        pad_to = PAD_TO if on_cuda else 1  # on CPU every padded token costs its full share of the matmuls
+        with torch.inference_mode(), sdpa_kernel(ATTENTION_BACKENDS) if on_cuda else contextlib.nullcontext():
             for start in range(0, len(texts), self.batch_size):
                 chosen = order[start : start + self.batch_size]
-                width = -(-int(lengths[chosen[0]]) // PAD_TO) * PAD_TO
+                width = -(-int(lengths[chosen[0]]) // pad_to) * pad_to
                 batch = np.full((len(chosen), width), tokenizer.pad_token_id, np.int64)
                 for row, index in enumerate(chosen):
                     batch[row, : lengths[index]] = ids[index]
