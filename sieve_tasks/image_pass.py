@@ -231,30 +231,32 @@ class ImagePass:
 
         stream = torch.cuda.Stream(self.device) if self.jpeg_decoder == "torchvision" and self.pin else None
         try:
+            items: list[Item] = []
+            views = 0
+
+            def take(item: Item) -> bool:
+                """Add a prepared sample; hand the batch over once it holds ``batch_size`` views (False: the
+                consumer stopped)."""
+                nonlocal items, views
+                items.append(item)
+                views += item.slot is not None
+                if views < self.batch_size:
+                    return True
+                batch, items, views = items, [], 0
+                return put(self._assemble(batch, stream))
+
             with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
                 pending: deque[Future[Item]] = deque()
-                items: list[Item] = []
-                views = 0
                 for sample in read_samples(shard):
                     if stop.is_set():
                         return
                     pending.append(pool.submit(self._prepare, sample, need, digests))
                     while len(pending) > 2 * self.batch_size or (pending and pending[0].done()):
-                        item = pending.popleft().result()
-                        items.append(item)
-                        views += item.slot is not None
-                        if views == self.batch_size:
-                            if not put(self._assemble(items, stream)):
-                                return
-                            items, views = [], 0
-                while pending:
-                    item = pending.popleft().result()
-                    items.append(item)
-                    views += item.slot is not None
-                    if views == self.batch_size:
-                        if not put(self._assemble(items, stream)):
+                        if not take(pending.popleft().result()):
                             return
-                        items, views = [], 0
+                while pending:
+                    if not take(pending.popleft().result()):
+                        return
                 if items and not put(self._assemble(items, stream)):
                     return
             put(None)
