@@ -191,8 +191,10 @@ class ImagePass:
 
     def decode_views(self, item: Item) -> dict[int, torch.Tensor]:
         """Decode a sample the pass only looked at (``Need.HEADER``) and return its uint8 views: its one decode."""
-        image = decode(item.sample.image, self.max_pixels)
-        return {size: view_of(image, size)[None] for size in self.sizes}
+        return self._views(decode(item.sample.image, self.max_pixels))
+
+    def _views(self, image: Image.Image) -> dict[int, torch.Tensor]:
+        return {size: view_of(image, size) for size in self.sizes}
 
     def batches(self, shard: Shard, need: Callable[[Item], Need], digests: bool = False) -> Iterator[ImageBatch]:
         """The shard's samples in batches. ``need`` decides per sample (it runs in a decode thread, after the
@@ -279,7 +281,7 @@ class ImagePass:
                 image = decode(sample.image, self.max_pixels)
                 item.width, item.height = image.size
                 if item.need is Need.PIXELS:
-                    item.views = {size: view_of(image, size) for size in self.sizes}
+                    item.views = self._views(image)
         except SampleError as exc:
             sample.reason = str(exc)
             item.jpeg, item.views = False, None
@@ -329,7 +331,7 @@ class ImagePass:
                 if image is None or image.shape[0] != 3:
                     self.gpu_refused += 1
                     try:
-                        item.views = {size: view[0] for size, view in self.decode_views(item).items()}
+                        item.views = self.decode_views(item)
                     except SampleError as exc:
                         item.sample.reason = str(exc)
                     continue

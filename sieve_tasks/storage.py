@@ -411,10 +411,7 @@ def write_parquet_atomic(uri: str, table, metadata: dict[str, str] | None = None
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **ours})
     # vectors (lists of floats) are stored plain: zstd gains ~7 % on them at several times the time, and
     # dictionaries and min/max statistics of unit-vector components help no reader
-    import pyarrow as pa
-
-    plain = {f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_fixed_size_list(f.type)}
-    plain = {name for name in plain if _holds_floats(table.schema.field(name).type)}
+    plain = {f.name for f in table.schema if _is_vector(f.type)}
     others = [name for name in table.column_names if name not in plain]
     with LocalStaging(uri) as staged:
         pq.write_table(table, staged.path, compression={name: "none" if name in plain else "zstd" for name in
@@ -422,12 +419,14 @@ def write_parquet_atomic(uri: str, table, metadata: dict[str, str] | None = None
                        use_dictionary=others, write_statistics=others)
 
 
-def _holds_floats(arrow_type) -> bool:
+def _is_vector(arrow_type) -> bool:
+    """A list (of lists ...) of floats."""
     import pyarrow as pa
 
+    nested = False
     while pa.types.is_list(arrow_type) or pa.types.is_fixed_size_list(arrow_type):
-        arrow_type = arrow_type.value_type
-    return pa.types.is_floating(arrow_type)
+        arrow_type, nested = arrow_type.value_type, True
+    return nested and pa.types.is_floating(arrow_type)
 
 
 def find_files(prefix: str, suffix: str) -> list[str]:

@@ -6,6 +6,7 @@ same settings is not captioned again (nor decoded, unless CLIP needs its pixels)
 
 from __future__ import annotations
 
+import functools
 import itertools
 import time
 import zlib
@@ -92,9 +93,10 @@ class CaptionStage(ShardStage):
             self._clip = ClipEncoder(self.settings.clip, self.device, self.settings.embed_batch_size)
         return self._clip
 
-    @property
+    @functools.cached_property
     def batch_size(self) -> int:
-        """``--caption-batch-size``, else 8 on CPU and, on CUDA, what the captioner fits in free memory."""
+        """``--caption-batch-size``, else 8 on CPU and, on CUDA, what the captioner fits in free memory — decided
+        once, so every shard of the stage (and its image pass) uses the same batch size."""
         if self.settings.caption_batch_size is not None:
             return self.settings.caption_batch_size
         if self.torch_device.type != "cuda":
@@ -286,7 +288,8 @@ class _ShardCaptioning:
             self.counts.misses += 1
             if view is None:
                 try:
-                    view = (self.images.decode_views(item)[self.settings.image_size].to(self.stage.torch_device), 0)
+                    decoded = self.images.decode_views(item)[self.settings.image_size]
+                    view = (decoded[None].to(self.stage.torch_device), 0)
                 except SampleError as exc:
                     row["reason"] = str(exc)
                     continue
@@ -301,8 +304,7 @@ class _ShardCaptioning:
             return
         clip = self.stage.clip
         rows = np.array([r for r, _ in chosen])
-        slots = torch.tensor([slot for _, slot in chosen], device=self.stage.torch_device)
-        image = clip.encode_images(views[clip.view.size].index_select(0, slots)).cpu().numpy()
+        image = clip.encode_images(gather([(views[clip.view.size], slot) for _, slot in chosen])).cpu().numpy()
         text = clip.encode_texts([self.rows[r]["text"] for r in rows]).cpu().numpy()
         for r, score in zip(rows, np.einsum("ij,ij->i", image.astype(np.float64), text.astype(np.float64))):
             self.rows[r]["clip_score"] = float(score)
