@@ -4,7 +4,9 @@ per batch (never a Python float per component)."""
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
+from concurrent.futures import Future, ProcessPoolExecutor
 from pickle import UnpicklingError
 
 import numpy as np
@@ -99,8 +101,12 @@ def open_clip_name(ref: str) -> tuple[str, str | None]:
 
 
 class ClipEncoder:
+    """open_clip's image and text towers, unit vectors out. ``tokenizer_processes`` > 0 tokenises alt-texts in that
+    many worker processes: open_clip's tokenizer is pure Python (~100 µs a text), which on a GPU run would hold the
+    interpreter lock of the process that feeds the accelerator."""
+
     @loads_alone
-    def __init__(self, ref: str, device: Device, batch_size: int):
+    def __init__(self, ref: str, device: Device, batch_size: int, tokenizer_processes: int = 0):
         import open_clip
 
         name, pretrained = open_clip_name(ref)
@@ -113,6 +119,11 @@ class ClipEncoder:
                              "tensors are loaded (weights_only)") from None
         self.model = self.model.to(device.dtype).eval()
         self.tokenizer = open_clip.get_tokenizer(name)
+        self.tokenizer_name = name
+        self.tokenizer_processes = tokenizer_processes
+        self._tokenizing: ProcessPoolExecutor | None = None
+        if tokenizer_processes:
+            self._start_tokenizers()  # they load while the captioner loads
         self.device = device
         self.batch_size = batch_size
         self.view = _image_view(ref, self.model.visual.preprocess_cfg)
@@ -123,13 +134,52 @@ class ClipEncoder:
         with torch.inference_mode():
             return _unit(self.model.encode_image(self.view.normalize(pixels.to(self.device.device), self.device.dtype)))
 
-    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+    def tokenize(self, texts: list[str]) -> Future[np.ndarray]:
+        """open_clip's tokens of ``texts`` ``(n, context_length)``: ready now, or soon from the worker processes
+        (ask early, collect when the tokens are needed)."""
+        if self.tokenizer_processes == 0:
+            done: Future[np.ndarray] = Future()
+            done.set_result(self.tokenizer(texts).numpy())
+            return done
+        if self._tokenizing is None:
+            self._start_tokenizers()
+        return self._tokenizing.submit(_tokenize, texts)
+
+    def _start_tokenizers(self) -> None:
+        self._tokenizing = ProcessPoolExecutor(self.tokenizer_processes, multiprocessing.get_context("spawn"),
+                                               initializer=_load_tokenizer, initargs=(self.tokenizer_name,))
+        for _ in range(self.tokenizer_processes):  # processes start on demand: ask for all of them now
+            self._tokenizing.submit(_tokenize, [])
+
+    def encode_tokens(self, tokens: np.ndarray) -> torch.Tensor:
+        """Unit float32 text vectors of :meth:`tokenize`'s tokens, on the model's device."""
         chunks = []
-        for start in range(0, len(texts), self.batch_size):
-            tokens = self.tokenizer(texts[start : start + self.batch_size]).to(self.device.device, non_blocking=True)
+        for start in range(0, len(tokens), self.batch_size):
+            chunk = torch.from_numpy(tokens[start : start + self.batch_size]).to(self.device.device, non_blocking=True)
             with torch.inference_mode():
-                chunks.append(_unit(self.model.encode_text(tokens)))
-        return torch.cat(chunks) if chunks else torch.zeros((0, 0))
+                chunks.append(_unit(self.model.encode_text(chunk)))
+        return torch.cat(chunks) if chunks else torch.zeros((0, self.dim))
+
+    def close(self) -> None:
+        """Stop the tokenizer processes (they start again when next needed)."""
+        if self._tokenizing is not None:
+            self._tokenizing.shutdown(cancel_futures=True)
+            self._tokenizing = None
+
+
+_PROCESS_TOKENIZER = None  # a tokenizer process's open_clip tokenizer
+
+
+def _load_tokenizer(name: str) -> None:
+    global _PROCESS_TOKENIZER
+    import open_clip
+
+    torch.set_num_threads(1)
+    _PROCESS_TOKENIZER = open_clip.get_tokenizer(name)
+
+
+def _tokenize(texts: list[str]) -> np.ndarray:
+    return _PROCESS_TOKENIZER(texts).numpy()
 
 
 def _image_view(ref: str, cfg: dict) -> ImageView:

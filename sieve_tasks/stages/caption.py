@@ -41,6 +41,8 @@ CAPTIONS_SCHEMA = pa.schema([
     ("clip_score", pa.float64()),
 ])  # + clip_image_embedding, clip_text_embedding unless --embeddings none (sieve_tasks.vectors)
 CPU_CAPTION_BATCH = 8
+# on CUDA, alt-texts are tokenised for CLIP in worker processes (2 × ~10,000 texts/s), off the feeding process's GIL
+CLIP_TOKENIZER_PROCESSES = 2
 
 
 class CaptionStage(ShardStage):
@@ -90,7 +92,8 @@ class CaptionStage(ShardStage):
         if self._clip is None:
             from sieve_tasks.encoders import ClipEncoder
 
-            self._clip = ClipEncoder(self.settings.clip, self.device, self.settings.embed_batch_size)
+            processes = CLIP_TOKENIZER_PROCESSES if self.torch_device.type == "cuda" else 0
+            self._clip = ClipEncoder(self.settings.clip, self.device, self.settings.embed_batch_size, processes)
         return self._clip
 
     @functools.cached_property
@@ -148,10 +151,12 @@ class CaptionStage(ShardStage):
         self._prefetched[shard.shard_id] = captioning
 
     def close(self) -> None:
-        """Stop the image passes of prefetched shards that were never processed."""
+        """Stop the image passes of prefetched shards that were never processed, and CLIP's tokenizer processes."""
         for captioning in self._prefetched.values():
             captioning.close()
         self._prefetched.clear()
+        if self._clip is not None:
+            self._clip.close()
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
         captioning = self._prefetched.pop(shard.shard_id, None) or _ShardCaptioning(self, shard)
@@ -223,11 +228,14 @@ class _ShardCaptioning:
         try:
             for batch in self.stream:
                 views = batch.pixels_on(device)
+                # CLIP's tokens of the alt-texts, by slot like the views: asked for before BLIP runs on the batch
+                tokens = self.stage.clip.tokenize([item.sample.text for item in batch.items if item.slot is not None]
+                                                  ) if self.settings.computes_clip else None
                 first = len(self.rows)
                 for item in batch.items:
                     self.take(item, views)
-                if self.settings.computes_clip:
-                    self.embed_clip(batch.items, views, first)
+                if tokens is not None:
+                    self.embed_clip(batch.items, views, tokens.result(), first)
         finally:
             self.close()
         if self.candidates:
@@ -296,16 +304,17 @@ class _ShardCaptioning:
             self.caption_later(row, view, item.digest)
         self.candidates.clear()
 
-    def embed_clip(self, items: list[Item], views: dict[int, torch.Tensor], first: int) -> None:
-        """CLIP image and alt-text vectors of the batch's valid images; the score from the full-precision vectors."""
+    def embed_clip(self, items: list[Item], views: dict[int, torch.Tensor], tokens: np.ndarray, first: int) -> None:
+        """CLIP image and alt-text vectors of the batch's valid images (``tokens``: the alt-texts' by slot); the score
+        from the full-precision vectors."""
         chosen = [(first + i, item.slot) for i, item in enumerate(items)
                   if item.slot is not None and self.rows[first + i]["reason"] is None]
         if not chosen:
             return
         clip = self.stage.clip
-        rows = np.array([r for r, _ in chosen])
+        rows, slots = np.array([r for r, _ in chosen]), np.array([slot for _, slot in chosen])
         image = clip.encode_images(gather([(views[clip.view.size], slot) for _, slot in chosen])).cpu().numpy()
-        text = clip.encode_texts([self.rows[r]["text"] for r in rows]).cpu().numpy()
+        text = clip.encode_tokens(tokens[slots]).cpu().numpy()
         for r, score in zip(rows, np.einsum("ij,ij->i", image.astype(np.float64), text.astype(np.float64))):
             self.rows[r]["clip_score"] = float(score)
         self.clip_rows.append(rows)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sieve_tasks.captioner import BlipCaptioner, clip_style_transform
+from sieve_tasks.captioner import BlipCaptioner, clip_style_transform, decode_captions
 from sieve_tasks.models import Device
 from sieve_tasks.settings import Settings
 from sieve_tasks.test_models import TINY_BLIP
@@ -62,6 +62,20 @@ def test_other_errors_are_not_swallowed(captioner, monkeypatch):
 def test_prompt_is_stripped(captioner):
     assert captioner.strip_prompt("a picture of a dog on a beach") == "a dog on a beach"
     assert captioner.strip_prompt("a dog") == "a dog"
+
+
+@pytest.mark.parametrize("clean_up", [True, False])
+def test_captions_decode_in_one_native_call_as_transformers_decodes_them(captioner, clean_up, monkeypatch):
+    tokenizer = captioner.tokenizer
+    monkeypatch.setattr(tokenizer, "clean_up_tokenization_spaces", clean_up)
+    words = ["dog", "'", "s", ".", ",", "?", "!", "n't", "do", "##g", "[UNK]", tokenizer.bos_token, "[CLS]", "[SEP]",
+             "[PAD]", "a", "picture", "of", "é", "##ing"]
+    ids = tokenizer.convert_tokens_to_ids(words)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.tensor(ids)[torch.randint(len(ids), (512, 20), generator=generator)]
+    tokens = torch.cat([tokens, torch.randint(1000, 30000, (512, 20), generator=generator)])
+    expected = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    assert decode_captions(tokenizer, tokens) == expected
 
 
 def test_clip_style_preprocessing_shape():

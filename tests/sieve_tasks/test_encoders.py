@@ -38,3 +38,23 @@ def test_clip_references():
     assert open_clip_name("ViT-L-14:/models/l14.safetensors") == ("ViT-L-14", "/models/l14.safetensors")
     with pytest.raises(ValueError, match="NAME:PRETRAINED"):
         open_clip_name("ViT-B-32")
+
+
+def test_clip_tokenizer_processes_give_open_clips_tokens():
+    from sieve_tasks.encoders import ClipEncoder
+    from sieve_tasks.test_models import TINY_CLIP
+
+    texts = TEXTS + ["Caf&eacute; &amp; Bar &lt;3", "Ã©tÃ© mojibake", "word " * 100, "  spaces\tand\nlines  "]
+    inline = ClipEncoder(TINY_CLIP, Device.choose("cpu"), 4)
+    pooled = ClipEncoder(TINY_CLIP, Device.choose("cpu"), 4, tokenizer_processes=2)
+    try:
+        futures = [pooled.tokenize(texts[i : i + 3]) for i in range(0, len(texts), 3)]
+        tokens = np.concatenate([f.result() for f in futures])
+    finally:
+        pooled.close()
+    expected = inline.tokenizer(texts).numpy()
+    assert tokens.shape == (len(texts), 77) and np.array_equal(tokens, expected)
+    assert np.array_equal(inline.tokenize(texts).result(), expected)
+    vectors = inline.encode_tokens(tokens)
+    assert vectors.shape == (len(texts), inline.dim)
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(len(texts)))
