@@ -7,7 +7,7 @@ Full-size BLIP base from ``BlipConfig()`` with seeded random weights (random wei
 run to max_length: the worst case), random 224 px pixels, SIEVE's settings (8 captions, top_p 0.9, min_length 5,
 max_length 20, repetition_penalty 1.1, prompt "[CLS] a picture of [SEP]"). Prints img/s of ``generate`` for each batch
 size with (a) the step-by-step loop (syncs per step, no graphs), (b) sync-free without graphs, (c) sync-free with CUDA
-graphs, next to the vision encoder alone and the decoder alone (total minus vision). Then the total variation distance
+graphs, (d) with SDPA attention, (e) with SDPA kept off cuDNN's kernel, next to the vision encoder alone and the decoder alone (total minus vision). Then the total variation distance
 between the next-token sampling distributions of bf16 with graphs and of fp32, teacher-forced along fp32 captions.
 Every part runs in its own try/except: a failure prints its traceback and the script goes on.
 """
@@ -15,6 +15,7 @@ Every part runs in its own try/except: a failure prints its traceback and the sc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import functools
 import sys
@@ -23,6 +24,7 @@ import traceback
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -40,10 +42,14 @@ TINY_TEXT = {"vocab_size": 4000, "hidden_size": 96, "encoder_hidden_size": 48, "
              "bos_token_id": 3999, "pad_token_id": 0, "sep_token_id": 102, "eos_token_id": 102}
 TINY_VISION = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 3,
                "image_size": 384, "patch_size": 32}
+NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 VARIANTS = {"step-by-step, matmul": dict(sync_free=False, cuda_graphs=False, sdpa_text=False),
             "sync-free, matmul": dict(sync_free=True, cuda_graphs=False, sdpa_text=False),
             "sync-free + graphs, matmul": dict(sync_free=True, cuda_graphs=True, sdpa_text=False),
-            "sync-free + graphs + SDPA": dict(sync_free=True, cuda_graphs=True, sdpa_text=True)}
+            "sync-free + graphs + SDPA": dict(sync_free=True, cuda_graphs=True, sdpa_text=True),
+            # cuDNN's fused attention took 29 % of a decode on the H100 (BENCHMARKS.md §10): the same without it
+            "sync-free + graphs + SDPA, no cuDNN": dict(sync_free=True, cuda_graphs=True, sdpa_text=True,
+                                                        backends=NO_CUDNN)}
 
 
 def part(name: str, fn) -> None:
@@ -106,15 +112,21 @@ def main(argv: list[str] | None = None) -> int:
     def throughput(batch: int) -> None:
         px = pixels[:batch]
         for name, flags in VARIANTS.items():
+            flags = dict(flags)
+            backends = flags.pop("backends", None)
             dec = FastBlipDecoder(model, **flags)
-            run = functools.partial(dec.generate, px, PROMPT_IDS, SIEVE, seed=args.seed)
+
+            def run(dec=dec, backends=backends):  # the graphs are captured inside the backend choice
+                with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+                    return dec.generate(px, PROMPT_IDS, SIEVE, seed=args.seed)
+
             t_first = timed(run)  # warm-up (and graph capture)
             times = [timed(run) for _ in range(args.repeats)]
             with torch.inference_mode():
                 t_vis = min(timed(functools.partial(dec.encode_images, px)) for _ in range(args.repeats))
             best = min(times)
             state = "captured" if dec._graphs and any(s.graph is not None for s in dec._graphs.values()) else "none"
-            print(f"batch {batch:4d} {name:<27} {batch / best:8.1f} img/s (best of {args.repeats}; first call "
+            print(f"batch {batch:4d} {name:<36} {batch / best:8.1f} img/s (best of {args.repeats}; first call "
                   f"{t_first:.2f}s) | vision alone {batch / t_vis:8.1f} img/s | decoder alone "
                   f"{batch / max(best - t_vis, 1e-9):8.1f} img/s | graphs: {state}, enabled {dec.cuda_graphs}",
                   flush=True)

@@ -23,7 +23,11 @@ echo "== CUDA tests: graph replay = eager, nvJPEG views = PIL's"
 SIEVE_CACHE=/tmp/sieve-cache timeout 90 python3 -m pytest -q -p no:cacheprovider -k cuda \
   tests/sieve_tasks/test_fast_blip.py tests/sieve_tasks/test_image_pass.py 2>&1 | tail -15
 
-echo "== decoder alone: per-step syncs / sync-free / CUDA graphs at 64, 256, 512; TV bf16+graphs vs fp32"
+echo "== the caption process's host CPU per sample with free models (as on CPU / with the CUDA helper processes)"
+timeout "${HOST_SECONDS:-60}" python3 benchmarks/host_cost_bench.py --repeats 2 2>&1 | grep -v "Loading weights" \
+  | tee "$OUT/host_cost.log"
+
+echo "== decoder alone: per-step syncs / sync-free / CUDA graphs / SDPA (with and without cuDNN) at 256, 1024; TV"
 timeout "${DECODER_SECONDS:-120}" python3 benchmarks/gpu_decoder_check.py 2>&1 | tee "$OUT/decoder.log"
 
 echo "== end to end: sieve run over ${SAMPLES:-8192} photos, the caption task alone, decoder alone"

@@ -1,21 +1,23 @@
 """What the caption process costs the host per sample when the models cost nothing — the ceiling of a GPU run.
 
-    .venv/bin/python benchmarks/host_cost_bench.py [--samples 4096 --batch 256 --repeats 3]
+    .venv/bin/python benchmarks/host_cost_bench.py [--samples 4096 --shards 2 --batch 256 --repeats 3]
 
 On a GPU the caption task is bound by its process's one interpreter lock (BENCHMARKS.md §10): the Python that
 reads, checks, decodes and resizes each image, turns BLIP's tokens into captions, tokenises alt-texts for CLIP
 and builds the rows. This measures that work without a GPU: the caption stage (``CaptionStage(run, settings,
-captioner=..., clip=...)``, driven as ``sieve run`` does) over one DataComp-like shard of small JPEGs (their
+captioner=..., clip=...)``, driven as ``sieve run`` drives it) over DataComp-like shards of small JPEGs (their
 decode costs little, as on the GPU) with varied web-like alt-texts, where
   * BLIP is the real :class:`~sieve_tasks.captioner.BlipCaptioner` (tiny test model, real BERT tokenizer) whose
     decoder is replaced by one that returns 8 canned 20-token captions per image at no cost;
   * CLIP is the real :class:`~sieve_tasks.encoders.ClipEncoder` (tiny test model, open_clip's tokenizer) whose
-    network returns zero vectors at no cost;
+    network returns constant vectors at no cost;
   * JPEGs go through torchvision's decoder and the tensor resize (the path nvJPEG takes on CUDA), one worker,
     to views of 32 px (so resizing and normalising cost about what launching their kernels costs on a GPU).
-It prints samples/s and CPU µs per sample: the consumer thread (captions, CLIP, rows) and the rest of the
-process (reader, decode worker); the CLIP tokenizer processes (as on CUDA; ``--clip-tokenizer-processes 0``: in the
-consumer thread, as on CPU) are started before the clock and their CPU time is not counted.
+Two layouts, alternated: everything in the caption process (as on CPU), and with the helpers CUDA runs get (CLIP's
+tokenizer and the tar reader in processes of their own). It prints samples/s and CPU µs per sample of the
+consumer thread (captions, CLIP, rows), the rest of the process (producer, decode worker) and the helper
+processes. On a 2-core machine the helpers compete with the process for cores, so samples/s there understates
+what a 16-core GPU host gains; the CPU the caption process spends per sample is the figure that carries over.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import json
 import hashlib
 import os
 import random
+import resource
 import statistics
 import sys
 import tarfile
@@ -67,20 +70,20 @@ def alt_texts(count: int, seed: int) -> list[str]:
     return texts
 
 
-def write_shard(directory: Path, count: int, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
+def write_shard(directory: Path, shard: int, count: int) -> None:
+    rng = np.random.default_rng(shard)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for index, text in enumerate(alt_texts(count, seed)):
+        for index, text in enumerate(alt_texts(count, shard)):
             image = io.BytesIO()
             Image.fromarray(rng.integers(0, 255, (40 + index % 9, 48 + index % 5, 3), dtype=np.uint8)).save(image, "JPEG")
-            key, url = f"{index:09d}", f"https://example.com/host-cost/{index}.jpg"
+            key, url = f"{shard:05d}{index:04d}", f"https://example.com/host-cost/{shard}/{index}.jpg"
             record = {"uid": hashlib.md5(url.encode()).hexdigest(), "key": key, "url": url, "caption": text}
             for ext, payload in (("jpg", image.getvalue()), ("txt", text.encode()), ("json", json.dumps(record).encode())):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(payload)
                 tar.addfile(info, io.BytesIO(payload))
-    (directory / "00000000.tar").write_bytes(buffer.getvalue())
+    (directory / f"{shard:08d}.tar").write_bytes(buffer.getvalue())
 
 
 class CannedDecoder:
@@ -111,6 +114,12 @@ class FreeClipNetwork(torch.nn.Module):
         return torch.ones((tokens.shape[0], self.dim))
 
 
+LAYOUTS = {  # name: (CLIP tokenizer processes, tar reader process)
+    "all in one process (as on CPU)": (0, False),
+    "helper processes (as on CUDA)": (CLIP_TOKENIZER_PROCESSES, True),
+}
+
+
 def models(settings: Settings, tokenizer_processes: int) -> tuple[BlipCaptioner, ClipEncoder]:
     device = Device.choose("cpu", "fp32")
     captioner = BlipCaptioner(TINY_BLIP, device, settings)
@@ -121,52 +130,70 @@ def models(settings: Settings, tokenizer_processes: int) -> tuple[BlipCaptioner,
     return captioner, clip
 
 
-def measure(pool: Path, work: Path, settings: Settings, captioner, clip) -> tuple[float, float, float]:
-    """(seconds, consumer CPU seconds, process CPU seconds) of the caption stage over the pool."""
+def measure(pool: Path, work: Path, settings: Settings, captioner, clip, reader_process: bool) -> list[float]:
+    """[seconds, consumer thread's CPU seconds, the rest of the process's, the helper processes'] of the caption
+    stage over the pool."""
     run = tempfile.mkdtemp(dir=work)
     stage = CaptionStage(run, settings, captioner=captioner, clip=clip)
     shards = register_pool(str(pool), run)
-    stage.image_pass = _torchvision_pass(stage.image_pass)
+    make_pass = stage.image_pass
+
+    def image_pass():
+        images = make_pass()
+        images.jpeg_decoder = "torchvision"  # the CUDA path's Python: batched decode call, tensor resize
+        images.reader_process = reader_process
+        return images
+
+    stage.image_pass = image_pass
     clip.tokenize(["started"]).result()  # tokenizer processes (if any) running before the clock starts
+    children = _children_cpu()
     wall, main, process = time.perf_counter(), time.thread_time(), time.process_time()
     for _ in caption_shards(stage, shards):
         pass
-    return time.perf_counter() - wall, time.thread_time() - main, time.process_time() - process
+    wall, main, process = time.perf_counter() - wall, time.thread_time() - main, time.process_time() - process
+    return [wall, main, process - main, _children_cpu() - children]  # helpers are reaped by the stage's close()
 
 
-def _torchvision_pass(make):
-    def image_pass():
-        images = make()
-        images.jpeg_decoder = "torchvision"  # the CUDA path's Python: batched decode call, tensor resize
-        return images
-    return image_pass
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--samples", type=int, default=4096)
+    ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--clip-tokenizer-processes", type=int, default=CLIP_TOKENIZER_PROCESSES,
-                    help=f"0: CLIP tokenises in the consumer thread, as on CPU (default {CLIP_TOKENIZER_PROCESSES}, as on CUDA)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; {args.samples} samples in {args.shards} "
+          f"shards, batch {args.batch}, median of {args.repeats} (layouts alternated)")
     with tempfile.TemporaryDirectory(prefix="sieve-host-cost-") as tmp:
         pool, work = Path(tmp, "pool"), Path(tmp)
         pool.mkdir()
-        write_shard(pool, args.samples)
+        for shard in range(args.shards):
+            write_shard(pool, shard, args.samples // args.shards)
         settings = Settings(profile="test", captioner=TINY_BLIP, clip=TINY_CLIP, caption_batch_size=args.batch,
                             image_size=VIEW, decode_workers=1, score="fused")
-        captioner, clip = models(settings, args.clip_tokenizer_processes)
-        measure(pool, work, settings, captioner, clip)  # warm-up: tokenizer caches, allocator
-        runs = [measure(pool, work, settings, captioner, clip) for _ in range(args.repeats)]
-    seconds = statistics.median(r[0] for r in runs)
-    consumer = statistics.median(r[1] for r in runs) / args.samples * 1e6
-    process = statistics.median(r[2] for r in runs) / args.samples * 1e6
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}; {args.samples} samples, batch {args.batch}, "
-          f"CLIP tokenizer processes {args.clip_tokenizer_processes}, median of {args.repeats}")
-    print(f"caption stage with free models: {args.samples / seconds:.0f} samples/s; CPU per sample: consumer thread "
-          f"{consumer:.0f} µs, rest of the process {process - consumer:.0f} µs")
+        layouts = {name: (*models(settings, processes), reader) for name, (processes, reader) in LAYOUTS.items()}
+        runs: dict[str, list[list[float]]] = {name: [] for name in layouts}
+        for repeat in range(args.repeats + 1):  # the first round warms caches and allocators
+            for name, (captioner, clip, reader) in layouts.items():
+                figures = measure(pool, work, settings, captioner, clip, reader)
+                if repeat:
+                    runs[name].append(figures)
+        starts = _children_cpu()
+        models(settings, CLIP_TOKENIZER_PROCESSES)[1].close()  # what starting the tokenizer processes costs alone
+        starts = _children_cpu() - starts
+    for name, figures in runs.items():
+        seconds, consumer, rest, helpers = (statistics.median(f[i] for f in figures) for i in range(4))
+        per_sample = 1e6 / args.samples
+        print(f"{name}: {args.samples / seconds:.0f} samples/s with free models; CPU per sample: consumer thread "
+              f"{consumer * per_sample:.0f} µs, rest of the process {rest * per_sample:.0f} µs; helper processes "
+              f"{helpers:.1f} CPU-s a run")
+    print(f"(of the helpers' CPU, starting the {CLIP_TOKENIZER_PROCESSES} tokenizer processes — spawned, importing "
+          f"open_clip — takes {starts:.1f} CPU-s; the stage restarts them for each run)")
     return 0
 
 

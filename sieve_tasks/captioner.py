@@ -65,6 +65,7 @@ class BlipCaptioner:
         if settings.int8:
             quantize_linears(self.model)
         self.prompt_ids = self.tokenizer(settings.prompt, return_tensors="pt").input_ids
+        self.prompt = settings.prompt.strip().lower()  # what strip_prompt removes from each caption
         self.view = ImageView(settings.image_size, CLIP_MEAN, CLIP_STD)
         self.fast = FastBlipDecoder(self.model) if settings.fast_decode else None
         self.oom_splits = 0
@@ -126,6 +127,6 @@ class BlipCaptioner:
         )
 
     def strip_prompt(self, text: str) -> str:
-        prompt = self.settings.prompt.strip().lower()
+        prompt = self.prompt
         stripped = text.strip()
         return stripped[len(prompt):].strip() if stripped.lower().startswith(prompt) else stripped

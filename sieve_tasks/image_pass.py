@@ -34,6 +34,7 @@ from PIL import Image
 
 from sieve_tasks import storage
 from sieve_tasks.shards import Sample, SampleError, Shard, decode_image, open_image, read_samples
+from sieve_tasks.tar_reader import samples_in_process
 
 if TYPE_CHECKING:  # torch is imported where it is used: the report reads images through this module without it
     import torch
@@ -172,7 +173,8 @@ class ImagePass:
     order; ``sizes`` are the view sizes the models need."""
 
     def __init__(self, sizes: tuple[int, ...], max_pixels: int, batch_size: int, workers: int | None = None,
-                 device: torch.device | str = "cpu", prefetch: int = 3, jpeg_decoder: str | None = None):
+                 device: torch.device | str = "cpu", prefetch: int = 3, jpeg_decoder: str | None = None,
+                 reader_process: bool | None = None):
         import torch
 
         self.sizes = tuple(sorted(set(sizes)))
@@ -187,6 +189,8 @@ class ImagePass:
         if self.jpeg_decoder not in ("pil", "torchvision"):
             raise ValueError(f"jpeg_decoder must be 'pil' or 'torchvision', not {jpeg_decoder!r}")
         self.pin = on_cuda
+        # on CUDA the tar is parsed in a process of its own (default): see :mod:`sieve_tasks.tar_reader`
+        self.reader_process = on_cuda if reader_process is None else reader_process
         self.gpu_refused = 0  # JPEGs torchvision's decoder refused (decoded by PIL instead)
 
     def decode_views(self, item: Item) -> dict[int, torch.Tensor]:
@@ -247,9 +251,10 @@ class ImagePass:
                 batch, items, views = items, [], 0
                 return put(self._assemble(batch, stream))
 
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+            samples = samples_in_process(shard) if self.reader_process else read_samples(shard)
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool, contextlib.closing(samples):
                 pending: deque[Future[Item]] = deque()
-                for sample in read_samples(shard):
+                for sample in samples:
                     if stop.is_set():
                         return
                     pending.append(pool.submit(self._prepare, sample, need, digests))

@@ -135,21 +135,27 @@ def test_views_are_the_models_own_preprocessing(sample_pool, tmp_path):
         assert torch.equal(clip.view.normalize(view, torch.float32)[0], blip(picture))
 
 
-def test_a_consumer_that_stops_early_stops_the_producer(sample_pool, tmp_path):
+@pytest.mark.parametrize("reader_process", [False, True])
+def test_a_consumer_that_stops_early_stops_the_producer(sample_pool, tmp_path, reader_process):
+    import multiprocessing
+
     shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
     before = threading.active_count()
-    images = ImagePass((32,), 10**8, batch_size=1, workers=2, prefetch=1)
+    images = ImagePass((32,), 10**8, batch_size=1, workers=2, prefetch=1, reader_process=reader_process)
     for _ in images.batches(shard, lambda item: Need.PIXELS):
         break
     assert threading.active_count() == before
+    assert not multiprocessing.active_children()
 
 
-def test_a_read_error_reaches_the_consumer(tmp_path):
+@pytest.mark.parametrize("reader_process", [False, True])
+def test_a_read_error_reaches_the_consumer(tmp_path, reader_process):
     from sieve_tasks.shards import Shard
 
     missing = Shard("00000000", str(tmp_path / "00000000.tar"))
     with pytest.raises(FileNotFoundError):
-        list(ImagePass((32,), 10**8, batch_size=2).batches(missing, lambda item: Need.PIXELS))
+        list(ImagePass((32,), 10**8, batch_size=2, reader_process=reader_process).batches(
+            missing, lambda item: Need.PIXELS))
 
 
 def test_torchvision_jpeg_path_decodes_each_jpeg_once_and_falls_back_to_pil(sample_pool, tmp_path, decodes):
