@@ -18,6 +18,7 @@ the model's device: :meth:`ImageView.normalize`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -63,11 +64,16 @@ class ImageView:
 
     def normalize(self, pixels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """uint8 ``(n, 3, S, S)`` → the model's input, with torchvision's ``ToTensor`` + ``Normalize`` arithmetic."""
-        import torch
-
-        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
+        mean, std = _channel_stats(self.mean, self.std, pixels.device)
         return pixels.float().div_(255).sub_(mean).div_(std).to(dtype)
+
+
+@functools.cache
+def _channel_stats(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Mean and std as ``(1, 3, 1, 1)`` tensors on ``device``, made once (not two host-to-device copies a batch)."""
+    import torch
+
+    return tuple(torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (mean, std))
 
 
 @dataclass
