@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -15,6 +16,9 @@ from sieve_tasks.int8 import quantize_linears
 from sieve_tasks.models import Device, is_oom, loads_alone, materialize
 from sieve_tasks.settings import Settings
 from sieve_tasks.test_models import is_test_model, tiny_model_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +39,7 @@ def clip_style_transform(size: int) -> Callable[[Image.Image], torch.Tensor]:
     ])
 
 
-def decode_captions(tokenizer, tokens: torch.Tensor) -> list[str]:
+def decode_captions(tokenizer: PreTrainedTokenizerFast, tokens: torch.Tensor) -> list[str]:
     """``tokenizer.batch_decode(tokens, skip_special_tokens=True)`` of a fast tokenizer in one native call:
     transformers 5 decodes sequence by sequence in Python (~20 µs each, 8 per image, in the thread that feeds the
     GPU), the tokenizers library decodes the batch in native threads."""

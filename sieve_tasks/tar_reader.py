@@ -56,7 +56,8 @@ def samples_in_process(shard: Shard) -> Iterator[Sample]:
 
 def main() -> None:
     shard, options = pickle.load(sys.stdin.buffer)
-    out = sys.stdout.buffer
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the samples' channel: anything printed goes to stderr
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     try:
         with storage.restored_options(options):
             chunk: list[Sample] = []
