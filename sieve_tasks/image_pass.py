@@ -1,15 +1,16 @@
 """The image pass: the one place where a shard's images are read, validated and decoded, each exactly once.
 
-A producer thread streams the tar (``shards.read_samples``), hands the samples to decode workers (as many as
-the machine has cores by default), and assembles *batches* in tar order: every sample read (failed ones
-too, so callers see each sample once and in order) and, per view size S, one uint8 tensor ``(n, 3, S, S)``
-holding the model view (shorter side resized bicubic to S, centre crop: CLIP's and SIEVE's BLIP
-preprocessing; both models share one view at 224 px) of the samples that asked for pixels. A bounded queue of finished batches lets reading and decoding run ahead of the models
-without holding a whole shard in memory. On CUDA the batch is staged in pinned memory (the consumer copies it
-with ``non_blocking=True``), and JPEGs are decoded on the GPU with nvJPEG
-(``torchvision.io.decode_jpeg(device="cuda")``, batched) after the same header check as the CPU path (size
-and the pixel limit, before any decoding); other formats and any image the GPU decoder refuses go through
-PIL, which gives the same ``reason`` codes as before.
+A producer thread streams the tar (``shards.read_samples``, which also checks each image's header: its size and
+the pixel limit, before any decoding; on CUDA in a reader process of its own, ``tar_reader``), hands the samples
+that need a CPU decode to decode workers (as many as the machine has cores by default), and assembles *batches*
+in tar order: every sample read (failed ones too, so callers see each sample once and in order) and, per view
+size S, one uint8 tensor ``(n, 3, S, S)`` holding the model view (shorter side resized bicubic to S, centre crop:
+CLIP's and SIEVE's BLIP preprocessing; both models share one view at 224 px) of the samples that asked for
+pixels. A bounded queue of finished batches lets reading and decoding run ahead of the models without holding a
+whole shard in memory. On CUDA the batch is staged in pinned memory (the consumer copies it with
+``non_blocking=True``), and JPEGs are decoded on the GPU with nvJPEG (``torchvision.io.decode_jpeg(device="cuda")``,
+batched); other formats and any image the GPU decoder refuses go through PIL, which gives the same ``reason``
+codes.
 
 Normalisation (``(x / 255 - mean) / std``, torchvision's ``ToTensor`` + ``Normalize`` arithmetic) happens on
 the model's device: :meth:`ImageView.normalize`.
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from sieve_tasks import storage
-from sieve_tasks.shards import Sample, SampleError, Shard, decode_image, open_image, read_samples
+from sieve_tasks.shards import Sample, SampleError, Shard, decode_image, read_samples
 from sieve_tasks.tar_reader import samples_in_process
 
 if TYPE_CHECKING:  # torch is imported where it is used: the report reads images through this module without it
@@ -49,7 +50,7 @@ class Need(Enum):
     """What a sample needs from the pass."""
 
     NOTHING = "nothing"  # a failed sample, passed through
-    HEADER = "header"  # size and the pixel limit only (e.g. captions that may come from a cache)
+    HEADER = "header"  # its header only, checked by the reader (e.g. captions that may come from a cache)
     VALIDATE = "validate"  # decoded once to prove it decodes, no pixels kept
     PIXELS = "pixels"  # decoded, and its model view kept in the batch
 
@@ -257,18 +258,24 @@ class ImagePass:
                 batch, items, views = items, [], 0
                 return put(self._assemble(batch, stream))
 
-            samples = samples_in_process(shard) if self.reader_process else read_samples(shard)
+            samples = (samples_in_process if self.reader_process else read_samples)(shard, self.max_pixels)
             with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool, contextlib.closing(samples):
-                pending: deque[Future[Item]] = deque()
+                # in tar order: samples being decoded (futures), and, when nothing is hashed, samples that need no
+                # CPU decode (JPEGs for the GPU, failed ones) as they are: no thread hand-off for them
+                pending: deque[Future[Item] | Item] = deque()
                 for sample in samples:
                     if stop.is_set():
                         return
-                    pending.append(pool.submit(self._prepare, sample, need, digests))
-                    while len(pending) > 2 * self.batch_size or (pending and pending[0].done()):
-                        if not take(pending.popleft().result()):
+                    if digests:  # hashing runs in the workers too
+                        pending.append(pool.submit(self._prepare, sample, need, digests))
+                    else:
+                        item = self._look(sample, need, digests)
+                        pending.append(pool.submit(self._decode, item) if self._decodes_on_cpu(item) else item)
+                    while len(pending) > 2 * self.batch_size or (pending and _ready(pending[0])):
+                        if not take(_result(pending.popleft())):
                             return
                 while pending:
-                    if not take(pending.popleft().result()):
+                    if not take(_result(pending.popleft())):
                         return
                 if items and not put(self._assemble(items, stream)):
                     return
@@ -276,30 +283,40 @@ class ImagePass:
         except BaseException as exc:  # handed to the consumer, which raises it
             put(exc)
 
-    def _prepare(self, sample: Sample, need: Callable[[Item], Need], digests: bool) -> Item:
-        item = Item(sample)
+    def _look(self, sample: Sample, need: Callable[[Item], Need], digests: bool) -> Item:
+        """A sample as read (its image header already checked by the reader), before any decoding: its digest,
+        what it needs, and whether the GPU decodes it."""
+        item = Item(sample, width=sample.width, height=sample.height)
         if not sample.ok:
             return item
         if digests:
             item.digest = hashlib.sha256(sample.image).digest()
         item.need = need(item)
-        try:
-            if item.need is Need.HEADER or (item.need is Need.PIXELS and self.jpeg_decoder == "torchvision"
-                                            and sample.image.startswith(JPEG_MAGIC)):
-                item.width, item.height = open_image(sample.image, self.max_pixels).size
-                item.jpeg = item.need is Need.PIXELS
-            elif item.need in (Need.VALIDATE, Need.PIXELS):
-                image = decode(sample.image, self.max_pixels)
-                item.width, item.height = image.size
-                if item.need is Need.PIXELS:
-                    item.views = self._views(image)
-        except SampleError as exc:
-            sample.reason = str(exc)
-            item.jpeg, item.views = False, None
-            return item
-        if item.jpeg or item.views is not None:
+        item.jpeg = (item.need is Need.PIXELS and self.jpeg_decoder == "torchvision"
+                     and sample.image.startswith(JPEG_MAGIC))
+        if item.jpeg:
             item.slot = -1  # numbered when the batch is assembled
         return item
+
+    @staticmethod
+    def _decodes_on_cpu(item: Item) -> bool:
+        return item.need in (Need.VALIDATE, Need.PIXELS) and not item.jpeg
+
+    def _decode(self, item: Item) -> Item:
+        """The CPU decode of a sample that needs one (in a decode worker)."""
+        try:
+            image = decode(item.sample.image, self.max_pixels)
+        except SampleError as exc:
+            item.sample.reason = str(exc)
+            return item
+        if item.need is Need.PIXELS:
+            item.views = self._views(image)
+            item.slot = -1
+        return item
+
+    def _prepare(self, sample: Sample, need: Callable[[Item], Need], digests: bool) -> Item:
+        item = self._look(sample, need, digests)
+        return self._decode(item) if self._decodes_on_cpu(item) else item
 
     def _assemble(self, items: list[Item], stream: torch.cuda.Stream | None) -> ImageBatch:
         import torch
@@ -366,6 +383,14 @@ class ImagePass:
             return decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
         except RuntimeError:
             return None
+
+
+def _ready(entry: Future[Item] | Item) -> bool:
+    return not isinstance(entry, Future) or entry.done()
+
+
+def _result(entry: Future[Item] | Item) -> Item:
+    return entry.result() if isinstance(entry, Future) else entry
 
 
 def image_bytes(shard: Shard, positions: set[int]) -> dict[int, bytes]:

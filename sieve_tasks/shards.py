@@ -47,6 +47,8 @@ class Sample:
     image: bytes | None = None
     reason: str | None = None
     text_truncated: bool = False
+    width: int | None = None  # from the image's header, when the reader was asked to check it
+    height: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -151,8 +153,9 @@ def expected_samples(shard: Shard) -> ExpectedSamples:
     return ExpectedSamples()
 
 
-def read_samples(shard: Shard) -> Iterator[Sample]:
-    """Yield every sample of ``shard`` in tar order; bad members become samples with a ``reason``."""
+def read_samples(shard: Shard, max_pixels: int | None = None) -> Iterator[Sample]:
+    """Yield every sample of ``shard`` in tar order; bad members become samples with a ``reason``. With
+    ``max_pixels``, each image's header is read too (its size, the pixel limit; nothing is decoded yet)."""
     position = 0
     group_key: str | None = None
     parts: dict[str, bytes] = {}
@@ -166,7 +169,7 @@ def read_samples(shard: Shard) -> Iterator[Sample]:
                     problem = _member_problem(member, key, ext)
                     if problem:
                         if group_key is not None:
-                            yield _assemble(shard, position, group_key, parts)
+                            yield _assemble(shard, position, group_key, parts, max_pixels)
                             position += 1
                             group_key, parts = None, {}
                         yield Sample(shard.shard_id, position, member.name, reason=problem)
@@ -174,7 +177,7 @@ def read_samples(shard: Shard) -> Iterator[Sample]:
                         continue
                     if key != group_key:
                         if group_key is not None:
-                            yield _assemble(shard, position, group_key, parts)
+                            yield _assemble(shard, position, group_key, parts, max_pixels)
                             position += 1
                         group_key, parts = key, {}
                     extracted = tar.extractfile(member)
@@ -186,7 +189,7 @@ def read_samples(shard: Shard) -> Iterator[Sample]:
             yield truncated
             return
     if group_key is not None:
-        yield _assemble(shard, position, group_key, parts)
+        yield _assemble(shard, position, group_key, parts, max_pixels)
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -209,10 +212,12 @@ def _member_problem(member: tarfile.TarInfo, key: str, ext: str) -> str | None:
     return None
 
 
-def _assemble(shard: Shard, position: int, key: str, parts: dict[str, bytes]) -> Sample:
+def _assemble(shard: Shard, position: int, key: str, parts: dict[str, bytes], max_pixels: int | None) -> Sample:
     sample = Sample(shard.shard_id, position, key)
     try:
         _fill(sample, parts)
+        if max_pixels is not None:
+            sample.width, sample.height = open_image(sample.image, max_pixels).size
     except SampleError as exc:
         sample.reason = str(exc)
     return sample

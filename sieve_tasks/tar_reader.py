@@ -1,5 +1,6 @@
 """A shard's samples read in a process of its own: Python's ``tarfile`` parses every member header in Python
-(~170 µs a sample), which on a GPU run would hold the interpreter lock of the process that feeds the accelerator.
+(~170 µs a sample), and PIL each image's header (~40 µs), which on a GPU run would hold the interpreter lock of the
+process that feeds the accelerator.
 
 The reader is ``python -m sieve_tasks.tar_reader`` (a plain subprocess: it imports only the shard reader, whatever
 the parent's main module is). It gets the shard and the storage options on stdin and writes pickled chunks of
@@ -22,8 +23,9 @@ from sieve_tasks.shards import Sample, Shard, read_samples
 SAMPLES_PER_MESSAGE = 64
 
 
-def samples_in_process(shard: Shard) -> Iterator[Sample]:
-    """:func:`~sieve_tasks.shards.read_samples` of ``shard``, read by a reader process. A read error is raised here,
+def samples_in_process(shard: Shard, max_pixels: int | None = None) -> Iterator[Sample]:
+    """:func:`~sieve_tasks.shards.read_samples` of ``shard`` (image headers checked too, with ``max_pixels``), read
+    by a reader process. A read error is raised here,
     a reader that dies is an error too; closing the generator stops the reader."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
@@ -32,7 +34,7 @@ def samples_in_process(shard: Shard) -> Iterator[Sample]:
                                   stdout=subprocess.PIPE, stderr=errors, env=env)
         try:
             with reader.stdin:
-                pickle.dump((shard, storage.options_snapshot()), reader.stdin)
+                pickle.dump((shard, max_pixels, storage.options_snapshot()), reader.stdin)
             while True:
                 try:
                     message = pickle.load(reader.stdout)
@@ -55,13 +57,13 @@ def samples_in_process(shard: Shard) -> Iterator[Sample]:
 
 
 def main() -> None:
-    shard, options = pickle.load(sys.stdin.buffer)
+    shard, max_pixels, options = pickle.load(sys.stdin.buffer)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the samples' channel: anything printed goes to stderr
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     try:
         with storage.restored_options(options):
             chunk: list[Sample] = []
-            for sample in read_samples(shard):
+            for sample in read_samples(shard, max_pixels):
                 chunk.append(sample)
                 if len(chunk) == SAMPLES_PER_MESSAGE:
                     pickle.dump(chunk, out, protocol=pickle.HIGHEST_PROTOCOL)

@@ -38,11 +38,16 @@ def decodes(monkeypatch) -> Counter:
     return counted
 
 
+CORRUPT = hashlib.sha256(b"\xff\xd8\xff\xe0 not really a jpeg").hexdigest()  # the sample pool's bad sample
+
+
 def _images(pool: str) -> dict[str, int]:
-    """Image digest → samples holding it, over the pool's sidecars (every sample the tars hold)."""
+    """Image digest → samples holding it, over the pool's sidecars (every sample the tars hold), less the corrupt
+    one: its header cannot be read, so the reader refuses it before any decoding."""
     found: Counter = Counter()
     for path in sorted(Path(pool).glob("*.parquet")):
         found.update(pq.read_table(path, columns=["sha256"]).column("sha256").to_pylist())
+    assert found.pop(CORRUPT) == 1
     return dict(found)
 
 
@@ -50,7 +55,9 @@ def test_each_image_is_decoded_once_across_all_stages(sample_pool, tmp_path, dec
     run = str(tmp_path / "run")
     for stage in ("caption", "embed", "score"):
         assert main([stage, sample_pool, run, "--profile", "test"]) == 0
-    assert dict(decodes) == _images(sample_pool)  # the corrupt one too: one attempt, then its reason
+    assert dict(decodes) == _images(sample_pool)
+    reasons = pq.read_table(f"{run}/captions", columns=["reason"]).column("reason").to_pylist()
+    assert [r for r in reasons if r] == ["undecodable_image"]  # the corrupt one: refused from its header
     decodes.clear()
     assert main(["aggregate", run]) == 0
     assert main(["publish", run]) == 0

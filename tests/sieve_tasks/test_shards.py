@@ -138,3 +138,22 @@ def test_reader_streams_without_extracting(hostile_pool, tmp_path, monkeypatch):
     samples = list(read_samples(Shard("00000000", str(pool / "00000000.tar"))))
     assert [s.position for s in samples] == list(range(len(samples)))
     assert os.listdir(tmp_path) == []
+
+
+def test_reader_checks_image_headers_when_asked(hostile_pool, monkeypatch):
+    """With a pixel limit the reader gives each image's size from its header and refuses bombs, undecodable and
+    empty images with their reasons — without decoding anything."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("the header check decoded an image"))
+    _, pool, _ = hostile_pool
+    shard = Shard("00000000", str(pool / "00000000.tar"))
+    plain = {s.key: s for s in read_samples(shard)}
+    checked = {s.key: s for s in read_samples(shard, max_pixels=10**8)}
+    for key in ("k_good_1", "k_good_2"):
+        assert plain[key].ok and plain[key].width is None
+        assert checked[key].ok and checked[key].width > 0 and checked[key].height > 0
+    for key in ("k_undecodable", "k_bomb"):
+        assert plain[key].ok and checked[key].reason == EXPECTED_REASONS[key]
+    assert {k: s.reason for k, s in checked.items() if not plain[k].ok} == {
+        k: s.reason for k, s in plain.items() if not s.ok}
