@@ -4,6 +4,7 @@ per batch (never a Python float per component)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -43,6 +44,11 @@ class TextEncoder:
         self.batch_size = batch_size
         self.device = device
         self.dim = self.model.get_embedding_dimension()
+        # the fast tokenizer's native part, called directly: transformers' Python conversion of each text's encoding
+        # into dicts costs more than the native tokenisation on a many-core machine
+        self.word_pieces = copy.deepcopy(self.model.tokenizer.backend_tokenizer)
+        self.word_pieces.no_padding()
+        self.word_pieces.enable_truncation(self.model.max_seq_length)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dim) float32 unit vectors; repeated texts (captions repeat a lot) are encoded once."""
@@ -55,9 +61,7 @@ class TextEncoder:
         beside the one launching the model, which would make it wait for the GIL at every operation."""
         if not texts:
             return np.zeros((0, self.dim), np.float32)
-        tokenizer = self.model.tokenizer
-        ids = tokenizer(texts, truncation=True, max_length=self.model.max_seq_length, padding=False,
-                        return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        ids = [encoding.ids for encoding in self.word_pieces.encode_batch_fast(texts)]
         lengths = np.fromiter(map(len, ids), np.int64, len(ids))
         order = np.argsort(-lengths, kind="stable")
         vectors: list[torch.Tensor] = []
@@ -67,7 +71,7 @@ class TextEncoder:
             for start in range(0, len(texts), self.batch_size):
                 chosen = order[start : start + self.batch_size]
                 width = -(-int(lengths[chosen[0]]) // pad_to) * pad_to
-                batch = np.full((len(chosen), width), tokenizer.pad_token_id, np.int64)
+                batch = np.full((len(chosen), width), self.model.tokenizer.pad_token_id, np.int64)
                 for row, index in enumerate(chosen):
                     batch[row, : lengths[index]] = ids[index]
                 input_ids = torch.from_numpy(batch)

@@ -3,52 +3,65 @@
 process that feeds the accelerator.
 
 The reader is ``python -m sieve_tasks.tar_reader`` (a plain subprocess: it imports only the shard reader, whatever
-the parent's main module is). It gets the shard and the storage options on stdin and writes pickled chunks of
-:class:`~sieve_tasks.shards.Sample` to stdout, then ``None`` — or the error it met; the pipe bounds how far it reads
-ahead.
+the parent's main module is). It gets its request (the shard, the pixel limit, the storage options) as JSON on stdin
+and writes the samples to stdout as an Arrow IPC stream, 64 a record batch; the pipe bounds how far it reads ahead.
+An error ends it with exit status 1 and the error as JSON on the last line of stderr. Nothing is pickled.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 
+import pyarrow as pa
+
 from sieve_tasks import storage
 from sieve_tasks.shards import Sample, Shard, read_samples
 
-SAMPLES_PER_MESSAGE = 64
+SAMPLES_PER_BATCH = 64
+PIPE_BUFFER = 1 << 20  # bytes read from the reader at a time
+ERROR_PREFIX = "tar-reader-error: "
+SAMPLE_SCHEMA = pa.schema([  # Sample's fields, in order
+    ("shard", pa.string()), ("position", pa.int64()), ("key", pa.string()), ("uid", pa.string()),
+    ("text", pa.string()), ("url", pa.string()), ("meta", pa.string()), ("image", pa.large_binary()),
+    ("reason", pa.string()), ("text_truncated", pa.bool_()), ("width", pa.int64()), ("height", pa.int64()),
+])  # meta as JSON text
+# errors the reader's caller may handle by type (a missing shard, a storage failure); any other is a RuntimeError
+RAISED_AS = {error.__name__: error for error in (FileNotFoundError, PermissionError, storage.StorageError, OSError)}
 
 
 def samples_in_process(shard: Shard, max_pixels: int | None = None) -> Iterator[Sample]:
     """:func:`~sieve_tasks.shards.read_samples` of ``shard`` (image headers checked too, with ``max_pixels``), read
-    by a reader process. A read error is raised here,
-    a reader that dies is an error too; closing the generator stops the reader."""
+    by a reader process. A read error is raised here, a reader that dies is an error too; closing the generator
+    stops the reader."""
+    try:
+        request = json.dumps({"shard": dataclasses.asdict(shard), "max_pixels": max_pixels,
+                              "storage_options": storage.options_snapshot()})
+    except TypeError as exc:
+        raise TypeError(f"storage options must be JSON values to reach the tar reader process ({exc})") from None
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryFile() as errors:
         reader = subprocess.Popen([sys.executable, "-m", "sieve_tasks.tar_reader"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=errors, env=env)
+                                  stdout=subprocess.PIPE, stderr=errors, env=env, bufsize=PIPE_BUFFER)
         try:
             with reader.stdin:
-                pickle.dump((shard, max_pixels, storage.options_snapshot()), reader.stdin)
-            while True:
-                try:
-                    message = pickle.load(reader.stdout)
-                except EOFError:
-                    reader.wait()
-                    errors.seek(0)
-                    detail = errors.read().decode(errors="replace").strip().splitlines()[-1:]
-                    raise RuntimeError(f"the reader of {shard.tar_uri} ended without finishing the shard (exit code "
-                                       f"{reader.returncode}){': ' + detail[0] if detail else ''}") from None
-                if message is None:
-                    return
-                if isinstance(message, BaseException):
-                    raise message
-                yield from message
+                reader.stdin.write(request.encode())
+            try:
+                for batch in pa.ipc.open_stream(reader.stdout):
+                    columns = batch.to_pydict()
+                    columns["meta"] = [json.loads(meta) for meta in columns["meta"]]
+                    for values in zip(*(columns[name] for name in SAMPLE_SCHEMA.names)):
+                        yield Sample(*values)
+            except pa.ArrowInvalid:  # the stream broke off: the reader's exit status says why
+                pass
+            if reader.wait() != 0:
+                raise _reader_error(shard, reader.returncode, errors)
         finally:
             if reader.poll() is None:
                 reader.kill()
@@ -56,31 +69,46 @@ def samples_in_process(shard: Shard, max_pixels: int | None = None) -> Iterator[
             reader.stdout.close()
 
 
-def main() -> None:
-    shard, max_pixels, options = pickle.load(sys.stdin.buffer)
+def _reader_error(shard: Shard, status: int, errors) -> Exception:
+    errors.seek(0)
+    lines = errors.read().decode(errors="replace").strip().splitlines()
+    last = lines[-1] if lines else ""
+    if last.startswith(ERROR_PREFIX):
+        error = json.loads(last[len(ERROR_PREFIX):])
+        kind = RAISED_AS.get(error["type"])
+        return kind(error["message"]) if kind else RuntimeError(f"{error['type']}: {error['message']}")
+    return RuntimeError(f"the reader of {shard.tar_uri} ended without finishing the shard (exit code {status})"
+                        + (f": {last}" if last else ""))
+
+
+def _batch(samples: list[Sample]) -> pa.RecordBatch:
+    columns = {name: [getattr(sample, name) for sample in samples] for name in SAMPLE_SCHEMA.names}
+    columns["meta"] = [json.dumps(meta) for meta in columns["meta"]]
+    return pa.RecordBatch.from_pydict(columns, SAMPLE_SCHEMA)
+
+
+def main() -> int:
+    request = json.load(sys.stdin)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the samples' channel: anything printed goes to stderr
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     try:
-        with storage.restored_options(options):
+        with storage.restored_options(request["storage_options"]), pa.ipc.new_stream(out, SAMPLE_SCHEMA) as stream:
             chunk: list[Sample] = []
-            for sample in read_samples(shard, max_pixels):
+            for sample in read_samples(Shard(**request["shard"]), request["max_pixels"]):
                 chunk.append(sample)
-                if len(chunk) == SAMPLES_PER_MESSAGE:
-                    pickle.dump(chunk, out, protocol=pickle.HIGHEST_PROTOCOL)
+                if len(chunk) == SAMPLES_PER_BATCH:
+                    stream.write_batch(_batch(chunk))
                     chunk = []
             if chunk:
-                pickle.dump(chunk, out, protocol=pickle.HIGHEST_PROTOCOL)
-        pickle.dump(None, out)
+                stream.write_batch(_batch(chunk))
+        out.close()
     except BrokenPipeError:  # the consumer stopped reading
-        return
+        return 0
     except Exception as exc:
-        try:
-            pickle.loads(pickle.dumps(exc))
-        except Exception:
-            exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-        pickle.dump(exc, out)
-    out.flush()
+        print(ERROR_PREFIX + json.dumps({"type": type(exc).__name__, "message": str(exc)}), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -58,3 +58,11 @@ def test_clip_tokenizer_processes_give_open_clips_tokens():
     vectors = inline.encode_tokens(tokens)
     assert vectors.shape == (len(texts), inline.dim)
     torch.testing.assert_close(vectors.norm(dim=1), torch.ones(len(texts)))
+
+
+def test_native_tokenisation_gives_the_tokens_transformers_gives(fp32):
+    texts = TEXTS + ["word " * 400, "Caf&eacute; Ã©tÃ© ＦＵＬＬ 😀👍🏽 ١٢٣", "  spaces\tand\nlines  ", "x" * 3000]
+    tokenizer = fp32.model.tokenizer
+    expected = tokenizer(texts, truncation=True, max_length=fp32.model.max_seq_length)["input_ids"]
+    assert max(map(len, expected)) == fp32.model.max_seq_length  # truncation is exercised
+    assert [e.ids for e in fp32.word_pieces.encode_batch_fast(texts)] == expected

@@ -378,7 +378,7 @@ def test_gpu_decoder_check_dry_runs_on_cpu(capsys):
     assert main(["--tiny", "--device", "cpu", "--batches", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "FAILED" not in out, out
-    assert out.count("img/s (best of 1") == 4  # the four variants
+    assert out.count("img/s (best of 1") == 5  # the five variants
     assert "with graphs vs fp32" in out and "total variation mean 0.0000" in out
 
 
