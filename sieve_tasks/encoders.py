@@ -52,8 +52,9 @@ class TextEncoder:
 
     def encode(self, texts: list[str]) -> np.ndarray:
         """(len(texts), dim) float32 unit vectors; repeated texts (captions repeat a lot) are encoded once."""
-        unique, inverse = np.unique(np.array(texts, dtype=object), return_inverse=True)
-        return self._encode_distinct(list(unique))[inverse.reshape(-1)]
+        first_seen: dict[str, int] = {}  # a dict, not np.unique: sorting Python strings costs more than hashing
+        inverse = np.fromiter((first_seen.setdefault(text, len(first_seen)) for text in texts), np.int64, len(texts))
+        return self._encode_distinct(list(first_seen))[inverse]
 
     def _encode_distinct(self, texts: list[str]) -> np.ndarray:
         """All texts tokenised in one call (the fast tokenizer works in native threads without the GIL), then

@@ -17,6 +17,10 @@ LONG_PHRASES: tuple[str, ...] = (
     "thumbnail", "vector", "free", "print", "sale", "quot", "png", "jpeg", "jpg",
 )
 
+# The only characters besides ASCII letters that Python's case-insensitive matching equates with an ASCII letter, or
+# whose lower case holds one (İ ı ſ K; checked over all of Unicode in the tests)
+ASCII_LOOKALIKES = re.compile("[\u0130\u0131\u017f\u212a]")
+
 PHRASE_LISTS = {"medium": MEDIUM_PHRASES, "long": LONG_PHRASES}
 MODES = ("substring", "word")
 
@@ -32,10 +36,22 @@ def make_masker(phrases: str = "medium", mode: str = "substring") -> Callable[[s
     if mode not in MODES:
         raise ValueError(f"unknown masking mode {mode!r}; choose one of {list(MODES)}")
     boundary = r"\b" if mode == "word" else ""
-    patterns = [re.compile(boundary + re.escape(p) + boundary, re.IGNORECASE) for p in PHRASE_LISTS[phrases]]
+    rules = [(p.lower(), re.compile(boundary + re.escape(p) + boundary, re.IGNORECASE)) for p in PHRASE_LISTS[phrases]]
+    if not all(phrase.isascii() for phrase, _ in rules):
+        raise ValueError(f"phrase list {phrases!r}: the masker's fast path expects ASCII phrases")
 
     def mask(text: str) -> str:
-        for pattern in patterns:
+        # without those four characters, a text matches an ASCII phrase case-insensitively only where its lower case
+        # contains the phrase: a test ~10x cheaper than the regex (most texts hold no phrase); other texts take
+        # every rule as it is
+        if text.isascii() or ASCII_LOOKALIKES.search(text) is None:
+            lowered = text.lower()
+            for phrase, pattern in rules:
+                if phrase in lowered:
+                    text = pattern.sub("", text)
+                    lowered = text.lower()
+            return text
+        for _, pattern in rules:
             text = pattern.sub("", text)
         return text
 

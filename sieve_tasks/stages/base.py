@@ -42,8 +42,9 @@ def parquet_fingerprint(uri: str) -> str | None:
     return value.decode() if value is not None else None
 
 
-def read_stage_output(run: str, stage: str, shard: Shard) -> pa.Table:
-    """A finished stage's table for ``shard``, proven to be the data its completion marker describes."""
+def read_stage_output(run: str, stage: str, shard: Shard, columns: list[str] | None = None) -> pa.Table:
+    """A finished stage's table for ``shard`` (only ``columns``, if given), proven to be the data its completion
+    marker describes."""
     marker = marker_uri(run, stage, shard.shard_id)
     try:
         done = storage.read_json(marker)
@@ -51,7 +52,7 @@ def read_stage_output(run: str, stage: str, shard: Shard) -> pa.Table:
         raise InconsistentRun(f"shard {shard.shard_id}: the {stage} stage has not completed ({marker} missing)"
                               ) from None
     uri = output_uri(run, stage, shard.shard_id)
-    table = storage.read_parquet(uri)
+    table = storage.read_parquet(uri, columns)
     found = (table.schema.metadata or {}).get(FINGERPRINT_KEY, b"").decode()
     if found != done["fingerprint"]:
         raise InconsistentRun(f"{uri} was written under fingerprint {found or 'none'} but its marker says "
@@ -90,8 +91,8 @@ class ShardStage(ABC):
     def marker_uri(self, shard_id: str) -> str:
         return marker_uri(self.run, self.name, shard_id)
 
-    def read_upstream(self, stage: str, shard: Shard) -> pa.Table:
-        return read_stage_output(self.run, stage, shard)
+    def read_upstream(self, stage: str, shard: Shard, columns: list[str] | None = None) -> pa.Table:
+        return read_stage_output(self.run, stage, shard, columns)
 
     def fingerprint(self, shard: Shard) -> str:
         upstream = None

@@ -41,8 +41,8 @@ class EmbedStage(ShardStage):
         return self._text_encoder
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
-        captions = self.read_upstream(self.upstream, shard).select(
-            ["uid", "key", "position", "status", "reason", "text", "captions"])
+        captions = self.read_upstream(self.upstream, shard,
+                                      ["uid", "key", "position", "status", "reason", "text", "captions"])
         ok = np.flatnonzero(np.asarray(captions.column("status").to_pylist(), dtype=object) == "ok")
         texts = captions.column("text").to_pylist()
         caption_lists = captions.column("captions").to_pylist()

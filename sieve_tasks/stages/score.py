@@ -3,12 +3,13 @@ sample. Writes ``RUN/scores/<shard>.parquet`` (one row per sample read, failed o
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sieve_tasks.masking import make_masker
 from sieve_tasks.settings import SCORE_SETTINGS
@@ -28,6 +29,9 @@ SCORES_SCHEMA = pa.schema([
 CAPTION_COLUMNS = ["uid", "shard", "key", "position", "url", "text_truncated", "text", "captions", "width", "height",
                    "original_width", "original_height", "metadata_clip_score", "clip_score"]
 EMBEDDING_COLUMNS = ["uid", "key", "position", "status", "reason", "caption_similarities"]
+SAMPLE = ("position", "key", "uid")  # what joins a caption row to its embedding row
+BASIC_FILTER_FEATURES = ("language", "is_english", "num_words", "num_chars", "width", "height", "aspect_ratio",
+                         "passes_basic_filter")
 
 
 @cache
@@ -42,12 +46,24 @@ def detect_language(text: str) -> str:
     return _language_identifier().FindLanguage(text=text).language
 
 
-def sieve_scores(cosines: np.ndarray, masked_captions: list[str]) -> tuple[float, float, int]:
-    """(max cosine, mean cosine, index of the best caption) from the alt-text's cosine with each caption; 0.0 when
-    the best masked caption is empty."""
-    best = int(np.argmax(cosines))
-    score = 0.0 if len(masked_captions[best]) == 0 else float(cosines[best])
-    return score, float(np.mean(cosines)), best
+def sieve_scores(similarities: pa.ListArray, captions: pa.ListArray, mask: Callable[[str], str]
+                 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Per sample, from the alt-text's cosine with each caption: (max cosine, 0.0 where the best caption masks to
+    ''; mean cosine; the best caption, the first at the max). NaN wins the max, as in ``np.argmax``."""
+    counts = pc.list_value_length(similarities).to_numpy(zero_copy_only=False)
+    if len(counts) == 0:
+        return np.zeros(0), np.zeros(0), []
+    if not np.array_equal(counts, pc.list_value_length(captions).to_numpy(zero_copy_only=False)) or counts.min() < 1:
+        raise InconsistentRun("caption similarities do not match the captions: re-run the embed stage")
+    values = similarities.flatten().to_numpy(zero_copy_only=False)
+    starts = np.cumsum(counts) - counts
+    maxes = np.repeat(np.maximum.reduceat(values, starts), counts)
+    at_max = (values == maxes) | (np.isnan(values) & np.isnan(maxes))
+    best = np.minimum.reduceat(np.where(at_max, np.arange(len(values)), len(values)), starts)
+    best_captions = captions.flatten().take(pa.array(best)).to_pylist()
+    empty = np.fromiter((len(mask(c)) == 0 for c in best_captions), bool, len(best_captions))
+    scores = np.where(empty, 0.0, values[best].astype(np.float64))
+    return scores, np.add.reduceat(values.astype(np.float64), starts) / counts, best_captions
 
 
 def basic_filter_features(text: str, width: int, height: int) -> dict[str, Any]:
@@ -70,34 +86,57 @@ class ScoreStage(ShardStage):
 
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
+        captions = self.read_upstream("captions", shard, CAPTION_COLUMNS)
+        embedded = self._embedding_rows(shard, captions)
+        rows = captions.num_rows
+        status = np.asarray(embedded.column("status").to_pylist(), dtype=object)
+        ok = np.flatnonzero(status == "ok")
         mask = make_masker(self.settings.mask_phrases, self.settings.mask_mode)
-        captions = self.read_upstream("captions", shard).select(CAPTION_COLUMNS).to_pylist()
-        embeddings = {(e["position"], e["key"], e["uid"]): e  # joined on the sample, never on position alone
-                      for e in self.read_upstream(self.upstream, shard).select(EMBEDDING_COLUMNS).to_pylist()}
-        if len(embeddings) != len(captions):
-            raise InconsistentRun(f"shard {shard.shard_id}: {len(captions)} caption rows but {len(embeddings)} "
-                                  "embedding rows: re-run the embed stage")
-        rows = []
-        for cap in captions:
-            emb = embeddings.get((cap["position"], cap["key"], cap["uid"]))
-            if emb is None:
-                raise InconsistentRun(f"shard {shard.shard_id}: sample {cap['key']} has no embedding row: "
+        sieve_score, sieve_mean, best_caption = sieve_scores(
+            embedded.column("caption_similarities").take(ok).combine_chunks(),
+            captions.column("captions").take(ok).combine_chunks(), mask)
+        clip = captions.column("metadata_clip_score" if self.settings.clip_from_metadata else "clip_score"
+                               ).take(ok).combine_chunks().cast(pa.float64())
+        clip_values = clip.fill_null(0.0).to_numpy().astype(np.float64)
+        finite = np.isfinite(sieve_score) & np.isfinite(sieve_mean) & np.isfinite(clip_values)
+        reason = np.asarray(embedded.column("reason").to_pylist(), dtype=object)
+        status[ok[~finite]], reason[ok[~finite]] = "failed", "non_finite_score"  # a model overflowed on these
+        ok_rows = captions.select(["text", "width", "height", "original_width", "original_height"]).take(ok)
+        features = [basic_filter_features(text, original_width or width, original_height or height)
+                    for text, width, height, original_width, original_height
+                    in zip(*(column.to_pylist() for column in ok_rows.columns))]
+        uids = captions.column("uid").to_pylist()
+        columns = {name: captions.column(name) for name in ("uid", "shard", "key", "position", "url",
+                                                            "text_truncated")}
+        columns["uid_hi"] = [None if u is None else int(u[:16], 16) for u in uids]  # the two halves DataComp's
+        columns["uid_lo"] = [None if u is None else int(u[16:], 16) for u in uids]  # subset.npy stores
+        columns.update(status=status, reason=reason)
+        at_ok = _placed(rows, ok)
+        computed = {"sieve_score": sieve_score, "sieve_mean": sieve_mean, "best_caption": best_caption,
+                    **{name: [f[name] for f in features] for name in BASIC_FILTER_FEATURES}}
+        for name, values in computed.items():
+            columns[name] = pa.array(values, SCORES_SCHEMA.field(name).type).take(at_ok)
+        columns["clip_score"] = clip.take(at_ok)
+        return pa.table({name: columns[name] for name in SCORES_SCHEMA.names}, schema=SCORES_SCHEMA), {}
+
+    def _embedding_rows(self, shard: Shard, captions: pa.Table) -> pa.Table:
+        """The embed stage's rows in the caption rows' order, joined on the sample, never on position alone."""
+        embeddings = self.read_upstream(self.upstream, shard, EMBEDDING_COLUMNS)
+        if embeddings.num_rows != captions.num_rows:
+            raise InconsistentRun(f"shard {shard.shard_id}: {captions.num_rows} caption rows but "
+                                  f"{embeddings.num_rows} embedding rows: re-run the embed stage")
+        index = {sample: row for row, sample in enumerate(zip(*(embeddings.column(c).to_pylist() for c in SAMPLE)))}
+        order = []
+        for sample in zip(*(captions.column(c).to_pylist() for c in SAMPLE)):
+            if sample not in index:
+                raise InconsistentRun(f"shard {shard.shard_id}: sample {sample[1]} has no embedding row: "
                                       "re-run the embed stage")
-            row = {name: None for name in SCORES_SCHEMA.names}
-            row.update({k: cap[k] for k in ("uid", "shard", "key", "position", "url", "text_truncated")})
-            if row["uid"] is not None:  # the two halves DataComp's subset.npy stores, kept for fast sorting
-                row.update(uid_hi=int(row["uid"][:16], 16), uid_lo=int(row["uid"][16:], 16))
-            row.update(status=emb["status"], reason=emb["reason"])
-            if emb["status"] == "ok":
-                score, mean, best = sieve_scores(np.asarray(emb["caption_similarities"], np.float32),
-                                                 [mask(c) for c in cap["captions"]])
-                row.update(sieve_score=score, sieve_mean=mean, best_caption=cap["captions"][best])
-                row["clip_score"] = cap["metadata_clip_score" if self.settings.clip_from_metadata else "clip_score"]
-                width = cap["original_width"] or cap["width"]
-                height = cap["original_height"] or cap["height"]
-                row.update(basic_filter_features(cap["text"], width, height))
-                if not all(math.isfinite(row[c]) for c in ("sieve_score", "sieve_mean", "clip_score")
-                           if row[c] is not None):
-                    row.update(status="failed", reason="non_finite_score")  # a model overflowed on this sample
-            rows.append(row)
-        return pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), {}
+            order.append(index[sample])
+        return embeddings.take(order)
+
+
+def _placed(rows: int, ok: np.ndarray) -> pa.Array:
+    """Indices that spread values computed for the rows ``ok`` over all ``rows`` (null elsewhere), for ``take``."""
+    where = np.full(rows, -1, np.int64)
+    where[ok] = np.arange(len(ok))
+    return pa.array(where, mask=where < 0)
