@@ -27,6 +27,7 @@ import dataclasses
 import io
 import json
 import hashlib
+import multiprocessing
 import os
 import random
 import resource
@@ -35,6 +36,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -50,6 +52,8 @@ from sieve_tasks.pool import register_pool  # noqa: E402
 from sieve_tasks.runner import caption_shards  # noqa: E402
 from sieve_tasks.settings import Settings  # noqa: E402
 from sieve_tasks.stages.caption import CLIP_TOKENIZER_PROCESSES, CaptionStage  # noqa: E402
+from sieve_tasks.stages.embed import EmbedStage  # noqa: E402
+from sieve_tasks.stages.score import ScoreStage  # noqa: E402
 from sieve_tasks.test_models import TINY_BLIP, TINY_CLIP  # noqa: E402
 
 CAPTION_TOKENS = 20
@@ -86,18 +90,50 @@ def write_shard(directory: Path, shard: int, count: int) -> None:
     (directory / f"{shard:08d}.tar").write_bytes(buffer.getvalue())
 
 
-class CannedDecoder:
-    """Stands in for BLIP's decoder: 8 captions of random vocabulary tokens per image, at no cost."""
+NOUNS = ["dog", "cat", "man", "woman", "child", "car", "bus", "house", "tree", "table", "plate of food", "bird",
+         "horse", "boat", "bicycle", "street sign", "cake", "pizza", "laptop", "phone", "chair", "couch", "bed", "train",
+         "clock", "vase of flowers", "sandwich", "kitchen", "bathroom", "living room", "mountain", "beach", "city",
+         "baseball player", "skateboarder", "surfer", "group of people", "giraffe", "elephant", "zebra"]
+ADJECTIVES = ["", "", "white", "black", "red", "small", "large", "old", "young", "wooden", "yellow", "blue", "brown"]
+PLACES = ["", "", "on a table", "in a field", "on a street", "in a room", "next to a building", "on the beach",
+          "in front of a house", "with a white background", "at night", "in the snow", "on a plate"]
+PHRASES = ["", "", "", "a photo of ", "an image of ", "a close up of ", "a black and white photo of "]
 
-    def __init__(self, tokenizer, num_captions: int):
+
+def captions_like_blip(count: int, seed: int) -> list[str]:
+    """English captions of ~5–14 words like BLIP's, about 1 in 5 with a phrase that masking removes; each image's
+    8 captions drawn from 4 distinct ones (sampling repeats itself)."""
+    rng = random.Random(seed)
+
+    def one() -> str:
+        adjective = rng.choice(ADJECTIVES)
+        return " ".join(filter(None, [rng.choice(PHRASES) + "a", adjective, rng.choice(NOUNS), rng.choice(PLACES)]))
+
+    captions = []
+    for _ in range(count // 8):
+        distinct = [one() for _ in range(4)]
+        captions += [rng.choice(distinct) for _ in range(8)]
+    return captions
+
+
+class CannedDecoder:
+    """Stands in for BLIP's decoder at no cost: the tokens BLIP would give for 8 captions per image (the prompt,
+    English words, [SEP], padding to 20 tokens), the next images' captions at each call."""
+
+    def __init__(self, tokenizer, prompt: str, num_captions: int):
+        texts = [f"{prompt} {caption}" for caption in captions_like_blip(4096 * num_captions, seed=0)]
+        ids = tokenizer(texts, add_special_tokens=False).input_ids
+        self.tokens = torch.full((len(texts), CAPTION_TOKENS), tokenizer.pad_token_id)
+        for row, caption in enumerate(ids):
+            caption = [tokenizer.bos_token_id, *caption[: CAPTION_TOKENS - 2], tokenizer.sep_token_id]
+            self.tokens[row, : len(caption)] = torch.tensor(caption)
         self.num_captions = num_captions
-        generator = torch.Generator().manual_seed(0)
-        self.tokens = torch.randint(1_000, len(tokenizer) - 1, (4096 * num_captions, CAPTION_TOKENS), generator=generator)
-        self.tokens[:, 0] = tokenizer.bos_token_id
-        self.tokens[:, CAPTION_TOKENS - 3 :] = tokenizer.pad_token_id
+        self.next = 0
 
     def generate(self, pixel_values: torch.Tensor, prompt_ids, settings, seed: int) -> torch.Tensor:
-        return self.tokens[: pixel_values.shape[0] * self.num_captions]
+        rows = (self.next + torch.arange(pixel_values.shape[0] * self.num_captions)) % len(self.tokens)
+        self.next = int(rows[-1]) + 1
+        return self.tokens[rows]
 
 
 class FreeClipNetwork(torch.nn.Module):
@@ -114,6 +150,41 @@ class FreeClipNetwork(torch.nn.Module):
         return torch.ones((tokens.shape[0], self.dim))
 
 
+class FreeSentenceNetwork:
+    """Stands in for the sentence encoder's network: unit vectors at no cost (the tokenizer stays the real one)."""
+
+    def __init__(self, model, dim: int):
+        self.tokenizer = model.tokenizer
+        self.dim = dim
+
+    def __call__(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"sentence_embedding": torch.ones((features["input_ids"].shape[0], self.dim))}
+
+
+_TEXT_ENCODER = None  # the text side process's sentence encoder, loaded once
+
+
+def text_side(pool: str, run: str, settings: Settings) -> list[float]:
+    """[seconds, calling thread's CPU seconds, the process's other threads'] of the embed and score stages over a
+    captioned run, in a process of its own as ``sieve run`` has on CUDA (one that never imports open_clip, which
+    turns off the tokenizers library's threads)."""
+    global _TEXT_ENCODER
+    torch.set_num_threads(1)
+    embed, score = EmbedStage(run, settings), ScoreStage(run, settings)
+    if _TEXT_ENCODER is None:
+        _TEXT_ENCODER = embed.text_encoder
+        _TEXT_ENCODER.model = FreeSentenceNetwork(_TEXT_ENCODER.model, _TEXT_ENCODER.dim)
+    embed._text_encoder = _TEXT_ENCODER
+    assert "open_clip" not in sys.modules
+    shards = register_pool(pool, run)
+    wall, main, process = time.perf_counter(), time.thread_time(), time.process_time()
+    for shard in shards:
+        embed.run_shard(shard)
+        score.run_shard(shard)
+    wall, main, process = time.perf_counter() - wall, time.thread_time() - main, time.process_time() - process
+    return [wall, main, process - main]
+
+
 LAYOUTS = {  # name: (CLIP tokenizer processes, tar reader process)
     "all in one process (as on CPU)": (0, False),
     "helper processes (as on CUDA)": (CLIP_TOKENIZER_PROCESSES, True),
@@ -123,16 +194,17 @@ LAYOUTS = {  # name: (CLIP tokenizer processes, tar reader process)
 def models(settings: Settings, tokenizer_processes: int) -> tuple[BlipCaptioner, ClipEncoder]:
     device = Device.choose("cpu", "fp32")
     captioner = BlipCaptioner(TINY_BLIP, device, settings)
-    captioner.fast = CannedDecoder(captioner.tokenizer, settings.num_captions)
+    captioner.fast = CannedDecoder(captioner.tokenizer, settings.prompt, settings.num_captions)
     clip = ClipEncoder(TINY_CLIP, device, settings.embed_batch_size, tokenizer_processes)
     clip.model = FreeClipNetwork(clip.dim)
     clip.view = dataclasses.replace(clip.view, size=VIEW)
     return captioner, clip
 
 
-def measure(pool: Path, work: Path, settings: Settings, captioner, clip, reader_process: bool) -> list[float]:
-    """[seconds, consumer thread's CPU seconds, the rest of the process's, the helper processes'] of the caption
-    stage over the pool."""
+def measure(pool: Path, work: Path, settings: Settings, captioner, clip, reader_process: bool
+            ) -> tuple[str, list[float]]:
+    """The run and [seconds, consumer thread's CPU seconds, the rest of the process's, the helper processes'] of the
+    caption stage over the pool."""
     run = tempfile.mkdtemp(dir=work)
     stage = CaptionStage(run, settings, captioner=captioner, clip=clip)
     shards = register_pool(str(pool), run)
@@ -151,7 +223,8 @@ def measure(pool: Path, work: Path, settings: Settings, captioner, clip, reader_
     for _ in caption_shards(stage, shards):
         pass
     wall, main, process = time.perf_counter() - wall, time.thread_time() - main, time.process_time() - process
-    return [wall, main, process - main, _children_cpu() - children]  # helpers are reaped by the stage's close()
+    # helpers are reaped by the stage's close()
+    return run, [wall, main, process - main, _children_cpu() - children]
 
 
 def _children_cpu() -> float:
@@ -176,13 +249,19 @@ def main(argv: list[str] | None = None) -> int:
             write_shard(pool, shard, args.samples // args.shards)
         settings = Settings(profile="test", captioner=TINY_BLIP, clip=TINY_CLIP, caption_batch_size=args.batch,
                             image_size=VIEW, decode_workers=1, score="fused")
-        layouts = {name: (*models(settings, processes), reader) for name, (processes, reader) in LAYOUTS.items()}
-        runs: dict[str, list[list[float]]] = {name: [] for name in layouts}
-        for repeat in range(args.repeats + 1):  # the first round warms caches and allocators
-            for name, (captioner, clip, reader) in layouts.items():
-                figures = measure(pool, work, settings, captioner, clip, reader)
+        runs: dict[str, list[list[float]]] = {name: [] for name in LAYOUTS}
+        texts: list[list[float]] = []
+        with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as text_process:
+            text_process.submit(os.getpid).result()  # started before open_clip's import changes the environment
+            layouts = {name: (*models(settings, processes), reader) for name, (processes, reader) in LAYOUTS.items()}
+            for repeat in range(args.repeats + 1):  # the first round warms caches and allocators
+                for name, (captioner, clip, reader) in layouts.items():
+                    run, figures = measure(pool, work, settings, captioner, clip, reader)
+                    if repeat:
+                        runs[name].append(figures)
+                figures = text_process.submit(text_side, str(pool), run, settings).result()
                 if repeat:
-                    runs[name].append(figures)
+                    texts.append(figures)
         starts = _children_cpu()
         models(settings, CLIP_TOKENIZER_PROCESSES)[1].close()  # what starting the tokenizer processes costs alone
         starts = _children_cpu() - starts
@@ -192,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: {args.samples / seconds:.0f} samples/s with free models; CPU per sample: consumer thread "
               f"{consumer * per_sample:.0f} µs, rest of the process {rest * per_sample:.0f} µs; helper processes "
               f"{helpers:.1f} CPU-s a run")
+    seconds, caller, others = (statistics.median(f[i] for f in texts) for i in range(3))
+    print(f"text side (embed + score, a process of its own): {args.samples / seconds:.0f} samples/s with a free "
+          f"sentence encoder network; CPU per sample: calling thread {caller * per_sample:.0f} µs, the tokenizer's "
+          f"other threads {others * per_sample:.0f} µs")
     print(f"(of the helpers' CPU, starting the {CLIP_TOKENIZER_PROCESSES} tokenizer processes — spawned, importing "
           f"open_clip — takes {starts:.1f} CPU-s; the stage restarts them for each run)")
     return 0
