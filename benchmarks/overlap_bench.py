@@ -22,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,10 +46,15 @@ class FixedCostCaptioner:
         self.seconds = seconds
         self.batches = 0
 
-    def caption(self, pixel_values, seed: int) -> list[list[str]]:
+    def launch(self, pixel_values, seed: int) -> Future[list[list[str]]]:
         time.sleep(self.seconds)
         self.batches += 1
-        return [["a stand-in caption"] for _ in range(pixel_values.shape[0])]
+        captions: Future[list[list[str]]] = Future()
+        captions.set_result([["a stand-in caption"] for _ in range(pixel_values.shape[0])])
+        return captions
+
+    def close(self) -> None:
+        pass
 
 
 def data_time(shards, batch: int, workers: int) -> tuple[float, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import torch
@@ -73,6 +74,7 @@ class BlipCaptioner:
         self.view = ImageView(settings.image_size, CLIP_MEAN, CLIP_STD)
         self.fast = FastBlipDecoder(self.model) if settings.fast_decode else None
         self.oom_splits = 0
+        self._texts: ThreadPoolExecutor | None = None  # the thread that turns tokens into captions
 
     def auto_batch_size(self) -> int:
         """Images per caption batch that fit in half the device's free memory now (CUDA; the model is loaded)."""
@@ -83,13 +85,18 @@ class BlipCaptioner:
                                        image_tokens, self.device.dtype)
 
     def caption(self, pixel_values: torch.Tensor, seed: int) -> list[list[str]]:
-        """Captions for a batch of images: the image pass's uint8 views (normalised here, on the model's device)
-        or normalised pixels; an out-of-memory batch is retried in halves."""
+        """Captions for a batch of images (see :meth:`launch`), waiting for them."""
+        return self.launch(pixel_values, seed).result()
+
+    def launch(self, pixel_values: torch.Tensor, seed: int) -> Future[list[list[str]]]:
+        """Generate a batch's caption tokens now and turn them into text in the captioner's own thread, so the
+        thread that feeds the model goes on with the next batch: the image pass's uint8 views (normalised here, on
+        the model's device) or normalised pixels. An out-of-memory batch is captioned in halves."""
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.view.normalize(pixel_values.to(self.device.device, non_blocking=True),
                                                self.device.dtype)
         try:
-            return self._generate(pixel_values, seed)
+            tokens = self._generate(pixel_values, seed).cpu()
         except Exception as exc:
             if not is_oom(exc) or pixel_values.shape[0] == 1:
                 raise
@@ -99,21 +106,33 @@ class BlipCaptioner:
             half = pixel_values.shape[0] // 2
             log.warning("caption batch of %d ran out of memory; retrying as %d + %d", len(pixel_values), half,
                         len(pixel_values) - half)
-            return self.caption(pixel_values[:half], seed) + self.caption(pixel_values[half:], seed + half)
+            halves: Future[list[list[str]]] = Future()
+            halves.set_result(self.caption(pixel_values[:half], seed) + self.caption(pixel_values[half:], seed + half))
+            return halves
+        if self._texts is None:
+            self._texts = ThreadPoolExecutor(1, thread_name_prefix="caption-text")
+        return self._texts.submit(self._captions, tokens)
 
-    def _generate(self, pixel_values: torch.Tensor, seed: int) -> list[list[str]]:
-        s = self.settings
-        batch = pixel_values.shape[0]
+    def close(self) -> None:
+        """Stop the thread that turns tokens into text (it starts again when next needed)."""
+        if self._texts is not None:
+            self._texts.shutdown()
+            self._texts = None
+
+    def _generate(self, pixel_values: torch.Tensor, seed: int) -> torch.Tensor:
         if self.fast is not None:
-            tokens = self.fast.generate(pixel_values.to(self.device.device, self.device.dtype), self.prompt_ids, s,
-                                        seed=seed)
-        else:
-            torch.manual_seed(seed)
-            with torch.inference_mode():
-                tokens = self._reference_generate(pixel_values, batch)
+            return self.fast.generate(pixel_values.to(self.device.device, self.device.dtype), self.prompt_ids,
+                                      self.settings, seed=seed)
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            return self._reference_generate(pixel_values, pixel_values.shape[0])
+
+    def _captions(self, tokens: torch.Tensor) -> list[list[str]]:
+        """Each image's captions from the (images * num_captions, length) tokens: one native decode call (it
+        releases the interpreter lock), the prompt stripped."""
         texts = [self.strip_prompt(t) for t in decode_captions(self.tokenizer, tokens)]
-        n = s.num_captions
-        return [texts[i * n : (i + 1) * n] for i in range(batch)]
+        n = self.settings.num_captions
+        return [texts[i * n : (i + 1) * n] for i in range(len(texts) // n)]
 
     def _reference_generate(self, pixel_values: torch.Tensor, batch: int) -> torch.Tensor:
         """transformers' own ``generate`` with SIEVE's settings (``fast_decode=False``)."""

@@ -10,6 +10,8 @@ import functools
 import itertools
 import time
 import zlib
+from collections import deque
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,8 @@ CAPTIONS_SCHEMA = pa.schema([
     ("clip_score", pa.float64()),
 ])  # + clip_image_embedding, clip_text_embedding unless --embeddings none (sieve_tasks.vectors)
 CPU_CAPTION_BATCH = 8
+# caption batches whose tokens may wait to become text while the next batches are captioned
+CAPTION_BATCHES_IN_TEXT = 2
 # on CUDA, alt-texts are tokenised for CLIP in worker processes (2 × ~10,000 texts/s), off the feeding process's GIL
 CLIP_TOKENIZER_PROCESSES = 2
 
@@ -51,7 +55,8 @@ class CaptionStage(ShardStage):
 
     def __init__(self, run: str, settings: Settings, *, captioner: Any = None, clip: Any = None):
         """``captioner`` / ``clip`` replace the models the settings name (benchmarks, tests): anything with
-        ``caption(pixel_values, seed) -> list[list[str]]`` / :class:`sieve_tasks.encoders.ClipEncoder`'s methods."""
+        :class:`sieve_tasks.captioner.BlipCaptioner`'s ``launch(pixel_values, seed) -> Future[list[list[str]]]`` and
+        ``close()`` / :class:`sieve_tasks.encoders.ClipEncoder`'s methods."""
         super().__init__(run, settings)
         self._captioner = captioner
         self._clip = clip
@@ -151,12 +156,14 @@ class CaptionStage(ShardStage):
         self._prefetched[shard.shard_id] = captioning
 
     def close(self) -> None:
-        """Stop the image passes of prefetched shards that were never processed, and CLIP's tokenizer processes."""
+        """Stop the image passes of prefetched shards that were never processed, the captioner's text thread and
+        CLIP's tokenizer processes."""
         for captioning in self._prefetched.values():
             captioning.close()
         self._prefetched.clear()
-        if self._clip is not None:
-            self._clip.close()
+        for model in (self._captioner, self._clip):
+            if model is not None:
+                model.close()
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
         captioning = self._prefetched.pop(shard.shard_id, None) or _ShardCaptioning(self, shard)
@@ -196,6 +203,8 @@ class _ShardCaptioning:
         self.batch_size = stage.batch_size
         self.rows: list[dict[str, Any]] = []
         self.waiting: list[tuple[dict[str, Any], View, bytes | None]] = []  # row, BLIP view, digest
+        # caption batches launched, their text still being made: [(row, digest)], captions, seconds per image
+        self.launched: deque[tuple[list[tuple[dict[str, Any], bytes | None]], Future, float]] = deque()
         self.candidates: list[tuple[dict[str, Any], Item, View | None]] = []
         self.fresh: list[tuple[bytes, list[str], float]] = []  # new cache entries: digest, captions, seconds
         self.hits: list[bytes] = []
@@ -241,6 +250,7 @@ class _ShardCaptioning:
         if self.candidates:
             self.resolve()
         self.flush()
+        self.collect(keep=0)
         return self.table()
 
     def take(self, item: Item, views: dict[int, torch.Tensor]) -> None:
@@ -273,13 +283,21 @@ class _ShardCaptioning:
         seed = zlib.crc32(f"{self.settings.seed}:{self.shard.shard_id}:{self.waiting[0][0]['position']}".encode())
         captioner = self.stage.captioner  # loaded before the clock starts: an entry's seconds are captioning only
         started = time.perf_counter()
-        captions = captioner.caption(gather([view for _, view, _ in self.waiting]), seed)
+        captions = captioner.launch(gather([view for _, view, _ in self.waiting]), seed)
         seconds = (time.perf_counter() - started) / len(self.waiting)
-        for (row, _, digest), caps in zip(self.waiting, captions):
-            row["captions"] = caps
-            if digest is not None:
-                self.fresh.append((digest, caps, seconds))
+        self.launched.append(([(row, digest) for row, _, digest in self.waiting], captions, seconds))
         self.waiting.clear()
+        self.collect(keep=CAPTION_BATCHES_IN_TEXT)
+
+    def collect(self, keep: int) -> None:
+        """Captions into their rows: those of every launched batch whose text is ready, and of the oldest ones until
+        at most ``keep`` batches wait."""
+        while self.launched and (len(self.launched) > keep or self.launched[0][1].done()):
+            rows, captions, seconds = self.launched.popleft()
+            for (row, digest), caps in zip(rows, captions.result()):
+                row["captions"] = caps
+                if digest is not None:
+                    self.fresh.append((digest, caps, seconds))
 
     def resolve(self) -> None:
         """Captions of the candidate hits, fetched together; a candidate not found is captioned (decoded first

@@ -49,13 +49,13 @@ def captioner_calls(monkeypatch) -> list[int]:
     from sieve_tasks.captioner import BlipCaptioner
 
     calls: list[int] = []
-    original = BlipCaptioner.caption
+    original = BlipCaptioner.launch
 
     def counting(self, pixel_values, seed):
         calls.append(int(pixel_values.shape[0]))
         return original(self, pixel_values, seed)
 
-    monkeypatch.setattr(BlipCaptioner, "caption", counting)
+    monkeypatch.setattr(BlipCaptioner, "launch", counting)
     return calls
 
 

@@ -83,3 +83,18 @@ def test_clip_style_preprocessing_shape():
 
     tensor = clip_style_transform(224)(Image.new("RGB", (640, 427), (255, 0, 0)))
     assert tuple(tensor.shape) == (3, 224, 224)
+
+
+def test_launched_batches_become_text_in_the_captioners_thread(captioner):
+    """``launch`` generates now and makes the text in the captioner's own thread; batches launched one after the
+    other give what ``caption`` gives; ``close`` stops the thread, and a later launch starts it again."""
+    import threading
+
+    pixels = [torch.randn(2, 3, 224, 224), torch.randn(3, 3, 224, 224)]
+    launched = [captioner.launch(p, seed=5 + i) for i, p in enumerate(pixels)]
+    assert any(t.name.startswith("caption-text") for t in threading.enumerate())
+    assert [f.result() for f in launched] == [captioner.caption(p, seed=5 + i) for i, p in enumerate(pixels)]
+    captioner.close()
+    assert not any(t.name.startswith("caption-text") for t in threading.enumerate())
+    assert len(captioner.launch(pixels[0], seed=5).result()) == 2
+    captioner.close()

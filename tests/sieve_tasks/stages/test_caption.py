@@ -3,6 +3,8 @@ writes what it writes without them."""
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import pyarrow.parquet as pq
 
 from sieve_tasks.encoders import ClipEncoder
@@ -37,3 +39,65 @@ def test_worker_processes_give_the_inline_captions_table(sample_pool, tmp_path, 
     assert inline.column("clip_score").null_count < inline.num_rows
     assert "failed" in inline.column("status").to_pylist()
     assert pooled.equals(inline)
+
+
+class _LateTextCaptioner:
+    """Hands out each batch's captions only once the next batch was launched (or the stage collects them at the
+    end of the shard): a stage that waited for a batch's text before launching the next would stall here."""
+
+    oom_splits = 0
+
+    def __init__(self):
+        self.launched: list[Future] = []
+        self.closed = False
+
+    def launch(self, pixel_values, seed: int) -> Future:
+        if self.launched and not self.launched[-1].done():
+            self._finish(-1)
+        captions: Future = Future()
+        captions.batch = len(self.launched)
+        captions.size = pixel_values.shape[0]
+        self.launched.append(captions)
+        return captions
+
+    def _finish(self, index: int) -> None:
+        captions = self.launched[index]
+        captions.set_result([[f"batch {captions.batch} image {i}"] for i in range(captions.size)])
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_captions_are_collected_after_the_next_batch_is_launched(sample_pool, tmp_path, monkeypatch):
+    """The stage launches a caption batch without waiting for the one before to become text, keeps at most
+    CAPTION_BATCHES_IN_TEXT waiting, and puts every batch's captions into its own rows."""
+    from sieve_tasks.stages import caption as caption_module
+
+    captioner = _LateTextCaptioner()
+    waited: list[int] = []
+    real_result = Future.result
+
+    def result(self, timeout=None):
+        if hasattr(self, "batch") and not self.done():
+            waited.append(self.batch)
+            captioner._finish(self.batch)
+        return real_result(self, timeout)
+
+    monkeypatch.setattr(Future, "result", result)
+    monkeypatch.setattr(caption_module, "CAPTION_BATCHES_IN_TEXT", 1)
+    run = str(tmp_path / "run")
+    stage = CaptionStage(run, Settings(profile="test", clip="none", caption_batch_size=2), captioner=captioner)
+    shards = register_pool(sample_pool, run)
+    for _ in caption_shards(stage, shards):
+        pass
+    assert captioner.closed
+    assert len(captioner.launched) > 2 * len(shards)
+    assert all(captions.done() for captions in captioner.launched)
+    assert len(waited) == len(shards)  # only for a shard's last batch, at its end
+    rows = pq.read_table(f"{run}/captions").sort_by([("shard", "ascending"), ("position", "ascending")]).to_pylist()
+    captioned = [row for row in rows if row["caption_source"] == "captioner"]
+    batches = [int(row["captions"][0].split()[1]) for row in captioned]
+    assert batches == sorted(batches) and len(set(batches)) == len(captioner.launched)
+    for batch in set(batches):
+        images = [int(row["captions"][0].split()[3]) for row in captioned if f"batch {batch} " in row["captions"][0]]
+        assert images == list(range(len(images)))
