@@ -132,7 +132,7 @@ class ScoreStage(ShardStage):
                 raise InconsistentRun(f"shard {shard.shard_id}: sample {sample[1]} has no embedding row: "
                                       "re-run the embed stage")
             order.append(index[sample])
-        return embeddings.take(order)
+        return embeddings.take(pa.array(order, pa.int64()))
 
 
 def _placed(rows: int, ok: np.ndarray) -> pa.Array:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 # at a chosen point inside a stage.
 # (module, class, attribute, nth matching call, text the call's first argument must contain)
 KILL_POINTS = {
-    "caption": ("sieve_tasks.captioner", "BlipCaptioner", "caption", 2, ""),   # second shard's first batch
+    "caption": ("sieve_tasks.captioner", "BlipCaptioner", "launch", 2, ""),    # second shard's first batch
     "embed": ("sieve_tasks.encoders", "TextEncoder", "encode", 2, ""),          # embedding the second shard
     "score": ("sieve_tasks.storage", "LocalStaging", "__exit__", 1, "/scores/"),  # staged, not yet renamed
     "aggregate": ("sieve_tasks.stages.aggregate", None, "_selection", 1, ""),  # counted, thresholds not written

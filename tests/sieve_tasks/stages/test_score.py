@@ -168,6 +168,11 @@ def test_score_stage_joins_on_the_sample_and_fails_non_finite_scores(monkeypatch
     assert np.isnan(rows[3]["sieve_score"]) and rows[3]["best_caption"] == "a dog"
 
     monkeypatch.setattr(stage, "read_upstream", lambda name, shard, columns: (
+        captions if name == "captions" else embeddings).slice(0, 0).select(columns))
+    empty, _ = stage.process(Shard("00000000", str(tmp_path / "00000000.tar")))  # a shard without samples
+    assert empty.num_rows == 0 and empty.schema == SCORES_SCHEMA
+
+    monkeypatch.setattr(stage, "read_upstream", lambda name, shard, columns: (
         captions if name == "captions" else embeddings.slice(0, 3)).select(columns))
     with pytest.raises(Exception, match="4 caption rows but 3 embedding rows"):
         stage.process(Shard("00000000", str(tmp_path / "00000000.tar")))
