@@ -166,9 +166,10 @@ class ClipEncoder:
         return torch.cat(chunks) if chunks else torch.zeros((0, self.dim))
 
     def close(self) -> None:
-        """Stop the tokenizer processes (they start again when next needed)."""
+        """Stop the tokenizer processes (they start again when next needed), without waiting for them to exit:
+        a process that imported torch takes about a second to, and the task is done with them."""
         if self._tokenizing is not None:
-            self._tokenizing.shutdown(cancel_futures=True)
+            self._tokenizing.shutdown(wait=False, cancel_futures=True)
             self._tokenizing = None
 
 

@@ -211,6 +211,8 @@ class _ShardCaptioning:
         self.clip_rows: list[np.ndarray] = []
         self.clip_images: list[np.ndarray] = []
         self.clip_texts: list[np.ndarray] = []
+        # the last batch's CLIP vectors, launched on the device and not yet copied to the host: rows, images, texts
+        self.clip_launched: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
 
     def need(self, item: Item) -> Need:
         """Runs in a decode thread: every image CLIP embeds, or that may need captions, is decoded; one whose
@@ -251,6 +253,7 @@ class _ShardCaptioning:
             self.resolve()
         self.flush()
         self.collect(keep=0)
+        self.collect_clip()
         return self.table()
 
     def take(self, item: Item, views: dict[int, torch.Tensor]) -> None:
@@ -288,6 +291,7 @@ class _ShardCaptioning:
         self.launched.append(([(row, digest) for row, _, digest in self.waiting], captions, seconds))
         self.waiting.clear()
         self.collect(keep=CAPTION_BATCHES_IN_TEXT)
+        self.collect_clip()  # on CUDA it ran before this caption batch: ready, and its copy does not leave a gap
 
     def collect(self, keep: int) -> None:
         """Captions into their rows: those of every launched batch whose text is ready, and of the oldest ones until
@@ -323,16 +327,26 @@ class _ShardCaptioning:
         self.candidates.clear()
 
     def embed_clip(self, items: list[Item], views: dict[int, torch.Tensor], tokens: np.ndarray, first: int) -> None:
-        """CLIP image and alt-text vectors of the batch's valid images (``tokens``: the alt-texts' by slot); the score
-        from the full-precision vectors."""
+        """Launch CLIP on the batch's valid images and their alt-texts (``tokens``: by slot). The vectors are copied
+        to the host later (:meth:`collect_clip`), after the next caption batch is launched: on CUDA the device
+        works on CLIP while this thread builds the next batch's rows, instead of waiting for it."""
         chosen = [(first + i, item.slot) for i, item in enumerate(items)
                   if item.slot is not None and self.rows[first + i]["reason"] is None]
         if not chosen:
             return
+        self.collect_clip()
         clip = self.stage.clip
         rows, slots = np.array([r for r, _ in chosen]), np.array([slot for _, slot in chosen])
-        image = clip.encode_images(gather([(views[clip.view.size], slot) for _, slot in chosen])).cpu().numpy()
-        text = clip.encode_tokens(tokens[slots]).cpu().numpy()
+        image = clip.encode_images(gather([(views[clip.view.size], slot) for _, slot in chosen]))
+        self.clip_launched = rows, image, clip.encode_tokens(tokens[slots])
+
+    def collect_clip(self) -> None:
+        """The launched CLIP vectors on the host, and the CLIP score of their rows from the full-precision vectors."""
+        if self.clip_launched is None:
+            return
+        rows, image, text = self.clip_launched
+        self.clip_launched = None
+        image, text = image.cpu().numpy(), text.cpu().numpy()
         for r, score in zip(rows, np.einsum("ij,ij->i", image.astype(np.float64), text.astype(np.float64))):
             self.rows[r]["clip_score"] = float(score)
         self.clip_rows.append(rows)

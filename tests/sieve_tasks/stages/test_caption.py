@@ -101,3 +101,58 @@ def test_captions_are_collected_after_the_next_batch_is_launched(sample_pool, tm
     for batch in set(batches):
         images = [int(row["captions"][0].split()[3]) for row in captioned if f"batch {batch} " in row["captions"][0]]
         assert images == list(range(len(images)))
+
+
+class _Launched:
+    """A CLIP result as the stage sees it on CUDA: still on the device until ``cpu()`` copies it."""
+
+    def __init__(self, vectors, events: list[str]):
+        self.vectors, self.events = vectors, events
+
+    def cpu(self):
+        self.events.append("clip copied")
+        return self.vectors
+
+
+class _EventClip:
+    """The tiny CLIP, its vectors handed out as :class:`_Launched`, what the stage does with it logged."""
+
+    def __init__(self, clip: ClipEncoder, events: list[str]):
+        self.clip, self.events = clip, events
+
+    def __getattr__(self, name: str):
+        return getattr(self.clip, name)
+
+    def encode_images(self, pixels):
+        self.events.append("clip launched")
+        return _Launched(self.clip.encode_images(pixels), self.events)
+
+    def encode_tokens(self, tokens):
+        return _Launched(self.clip.encode_tokens(tokens), [])
+
+
+def test_clip_vectors_are_copied_after_the_next_caption_batch_is_launched(sample_pool, tmp_path):
+    """On CUDA a copy to the host waits for the device: the stage copies a batch's CLIP vectors only once the next
+    caption batch was launched (the device had CLIP to do meanwhile), except at a shard's end; the CLIP scores are
+    those of copying at once."""
+    settings = Settings(profile="test", caption_batch_size=2)
+    events: list[str] = []
+    tables = []
+    for deferred in (False, True):
+        run = str(tmp_path / f"run{deferred}")
+        clip = ClipEncoder(TINY_CLIP, Device.choose("cpu"), settings.embed_batch_size)
+        stage = CaptionStage(run, settings, clip=_EventClip(clip, events) if deferred else clip)
+        if deferred:
+            launch = stage.captioner.launch
+            stage.captioner.launch = lambda *args: (events.append("caption launched"), launch(*args))[1]
+        shards = register_pool(sample_pool, run)
+        for _ in caption_shards(stage, shards):
+            pass
+        tables.append(pq.read_table(f"{run}/captions").sort_by([("shard", "ascending"), ("position", "ascending")]))
+    eager, deferred = tables
+    assert deferred.equals(eager) and deferred.column("clip_score").null_count < deferred.num_rows
+    copies = [i for i, event in enumerate(events) if event == "clip copied"]
+    assert len(copies) == events.count("clip launched") > 3 * len(shards)
+    launched = [i for i, event in enumerate(events) if event == "clip launched"]
+    unhidden = [copy for launch, copy in zip(launched, copies) if "caption launched" not in events[launch:copy]]
+    assert len(unhidden) <= len(shards)  # a shard's last batch
