@@ -43,7 +43,7 @@ CAPTIONS_SCHEMA = pa.schema([
     ("clip_score", pa.float64()),
 ])  # + clip_image_embedding, clip_text_embedding unless --embeddings none (sieve_tasks.vectors)
 CPU_CAPTION_BATCH = 8
-# caption batches whose tokens may wait to become text while the next batches are captioned
+# caption batches whose tokens may wait to become text once an image batch's models are launched
 CAPTION_BATCHES_IN_TEXT = 2
 # on CUDA, alt-texts are tokenised for CLIP in worker processes (2 × ~10,000 texts/s), off the feeding process's GIL
 CLIP_TOKENIZER_PROCESSES = 2
@@ -211,8 +211,8 @@ class _ShardCaptioning:
         self.clip_rows: list[np.ndarray] = []
         self.clip_images: list[np.ndarray] = []
         self.clip_texts: list[np.ndarray] = []
-        # the last batch's CLIP vectors, launched on the device and not yet copied to the host: rows, images, texts
-        self.clip_launched: tuple[np.ndarray, torch.Tensor, torch.Tensor] | None = None
+        # image batches' CLIP vectors launched on the device, not yet copied to the host: rows, images, texts
+        self.clip_launched: deque[tuple[np.ndarray, torch.Tensor, torch.Tensor]] = deque()
 
     def need(self, item: Item) -> Need:
         """Runs in a decode thread: every image CLIP embeds, or that may need captions, is decoded; one whose
@@ -244,16 +244,19 @@ class _ShardCaptioning:
                                                   ) if self.settings.computes_clip else None
                 first = len(self.rows)
                 for item in batch.items:
-                    self.take(item, views)
+                    self.take(item, views)  # launches BLIP on each full caption batch
                 if tokens is not None:
                     self.embed_clip(batch.items, views, tokens.result(), first)
+                # what the launches gave, put into rows while (on CUDA) the device works on CLIP
+                self.collect(keep=CAPTION_BATCHES_IN_TEXT)
+                self.collect_clip(keep=1)
         finally:
             self.close()
         if self.candidates:
             self.resolve()
         self.flush()
         self.collect(keep=0)
-        self.collect_clip()
+        self.collect_clip(keep=0)
         return self.table()
 
     def take(self, item: Item, views: dict[int, torch.Tensor]) -> None:
@@ -290,8 +293,6 @@ class _ShardCaptioning:
         seconds = (time.perf_counter() - started) / len(self.waiting)
         self.launched.append(([(row, digest) for row, _, digest in self.waiting], captions, seconds))
         self.waiting.clear()
-        self.collect(keep=CAPTION_BATCHES_IN_TEXT)
-        self.collect_clip()  # on CUDA it ran before this caption batch: ready, and its copy does not leave a gap
 
     def collect(self, keep: int) -> None:
         """Captions into their rows: those of every launched batch whose text is ready, and of the oldest ones until
@@ -327,31 +328,30 @@ class _ShardCaptioning:
         self.candidates.clear()
 
     def embed_clip(self, items: list[Item], views: dict[int, torch.Tensor], tokens: np.ndarray, first: int) -> None:
-        """Launch CLIP on the batch's valid images and their alt-texts (``tokens``: by slot). The vectors are copied
-        to the host later (:meth:`collect_clip`), after the next caption batch is launched: on CUDA the device
-        works on CLIP while this thread builds the next batch's rows, instead of waiting for it."""
+        """Launch CLIP on the batch's valid images and their alt-texts (``tokens``: by slot). Their vectors are copied
+        to the host after the next image batch (:meth:`collect_clip`): on CUDA, BLIP's launch waits for the device,
+        and CLIP launched right after it keeps the device busy while this thread puts captions into rows and builds
+        the next batch's rows; the copy then finds the vectors ready."""
         chosen = [(first + i, item.slot) for i, item in enumerate(items)
                   if item.slot is not None and self.rows[first + i]["reason"] is None]
         if not chosen:
             return
-        self.collect_clip()
         clip = self.stage.clip
         rows, slots = np.array([r for r, _ in chosen]), np.array([slot for _, slot in chosen])
         image = clip.encode_images(gather([(views[clip.view.size], slot) for _, slot in chosen]))
-        self.clip_launched = rows, image, clip.encode_tokens(tokens[slots])
+        self.clip_launched.append((rows, image, clip.encode_tokens(tokens[slots])))
 
-    def collect_clip(self) -> None:
-        """The launched CLIP vectors on the host, and the CLIP score of their rows from the full-precision vectors."""
-        if self.clip_launched is None:
-            return
-        rows, image, text = self.clip_launched
-        self.clip_launched = None
-        image, text = image.cpu().numpy(), text.cpu().numpy()
-        for r, score in zip(rows, np.einsum("ij,ij->i", image.astype(np.float64), text.astype(np.float64))):
-            self.rows[r]["clip_score"] = float(score)
-        self.clip_rows.append(rows)
-        self.clip_images.append(image)
-        self.clip_texts.append(text)
+    def collect_clip(self, keep: int) -> None:
+        """The oldest launched CLIP vectors on the host until at most ``keep`` batches' wait, and the CLIP score of
+        their rows from the full-precision vectors."""
+        while len(self.clip_launched) > keep:
+            rows, image, text = self.clip_launched.popleft()
+            image, text = image.cpu().numpy(), text.cpu().numpy()
+            for r, score in zip(rows, np.einsum("ij,ij->i", image.astype(np.float64), text.astype(np.float64))):
+                self.rows[r]["clip_score"] = float(score)
+            self.clip_rows.append(rows)
+            self.clip_images.append(image)
+            self.clip_texts.append(text)
 
     def table(self) -> tuple[pa.Table, dict[str, Any]]:
         shard, rows = self.shard, self.rows

@@ -131,28 +131,49 @@ class _EventClip:
         return _Launched(self.clip.encode_tokens(tokens), [])
 
 
-def test_clip_vectors_are_copied_after_the_next_caption_batch_is_launched(sample_pool, tmp_path):
-    """On CUDA a copy to the host waits for the device: the stage copies a batch's CLIP vectors only once the next
-    caption batch was launched (the device had CLIP to do meanwhile), except at a shard's end; the CLIP scores are
-    those of copying at once."""
+class _EventCaptions:
+    """A caption batch's future whose reading the stage logs."""
+
+    def __init__(self, captions: Future, events: list[str]):
+        self.captions, self.events = captions, events
+
+    def done(self) -> bool:
+        return self.captions.done()
+
+    def result(self):
+        self.events.append("captions collected")
+        return self.captions.result()
+
+
+def test_clip_is_launched_right_after_blip_and_collected_later(sample_pool, tmp_path):
+    """On CUDA BLIP's launch returns when the device is done with it, and a copy to the host waits for the device:
+    the stage launches CLIP right after BLIP, before putting any captions or vectors into rows, and copies a batch's
+    CLIP vectors only once something else was launched after them (except at a shard's end) — so the device has
+    work while the stage does its bookkeeping. The CLIP scores are those of copying at once."""
     settings = Settings(profile="test", caption_batch_size=2)
     events: list[str] = []
     tables = []
-    for deferred in (False, True):
-        run = str(tmp_path / f"run{deferred}")
+    for logged in (False, True):
+        run = str(tmp_path / f"run{logged}")
         clip = ClipEncoder(TINY_CLIP, Device.choose("cpu"), settings.embed_batch_size)
-        stage = CaptionStage(run, settings, clip=_EventClip(clip, events) if deferred else clip)
-        if deferred:
+        stage = CaptionStage(run, settings, clip=_EventClip(clip, events) if logged else clip)
+        if logged:
             launch = stage.captioner.launch
-            stage.captioner.launch = lambda *args: (events.append("caption launched"), launch(*args))[1]
+            stage.captioner.launch = lambda *args: (events.append("caption launched"),
+                                                    _EventCaptions(launch(*args), events))[1]
         shards = register_pool(sample_pool, run)
         for _ in caption_shards(stage, shards):
             pass
         tables.append(pq.read_table(f"{run}/captions").sort_by([("shard", "ascending"), ("position", "ascending")]))
-    eager, deferred = tables
-    assert deferred.equals(eager) and deferred.column("clip_score").null_count < deferred.num_rows
+    eager, logged = tables
+    assert logged.equals(eager) and logged.column("clip_score").null_count < logged.num_rows
+    launches = {"caption launched", "clip launched"}
+    clip_launches = [i for i, event in enumerate(events) if event == "clip launched"]
     copies = [i for i, event in enumerate(events) if event == "clip copied"]
-    assert len(copies) == events.count("clip launched") > 3 * len(shards)
-    launched = [i for i, event in enumerate(events) if event == "clip launched"]
-    unhidden = [copy for launch, copy in zip(launched, copies) if "caption launched" not in events[launch:copy]]
+    assert len(copies) == len(clip_launches) > 3 * len(shards)
+    unhidden = [copy for launch, copy in zip(clip_launches, copies) if not launches & set(events[launch + 1 : copy])]
     assert len(unhidden) <= len(shards)  # a shard's last batch
+    caption_launches = [i for i, event in enumerate(events) if event == "caption launched"]
+    assert len(caption_launches) > 3 * len(shards)
+    late = [i for i in caption_launches if i + 1 < len(events) and events[i + 1] not in launches]
+    assert len(late) <= len(shards)  # a shard's last caption batch, launched after its last image batch
