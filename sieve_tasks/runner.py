@@ -47,13 +47,23 @@ def run_shard_stage(name: str, input_spec: str, run: str, settings: Settings, sh
 
 
 def caption_shards(stage: CaptionStage, shards: Iterable[Shard]) -> Iterator[tuple[Shard, dict[str, Any]]]:
-    """Caption shards in order, each next shard's images read and decoded while the one before is captioned."""
+    """Caption shards in order: each next shard's images are read and decoded while the one before is captioned,
+    and each shard's output is written while the next one is captioned (the accelerator does not wait through
+    the writes' storage round trips). Yields each shard with its marker once written; a shard whose captioning
+    fails still gets the shard before it written."""
     shards = list(shards)
+    written: tuple[Shard, Future[dict[str, Any]]] | None = None
     try:
-        for index, shard in enumerate(shards):
-            if index + 1 < len(shards):
-                stage.prefetch(shards[index + 1])
-            yield shard, stage.run_shard(shard)
+        with ThreadPoolExecutor(1, thread_name_prefix="caption-writes") as writes:
+            for index, shard in enumerate(shards):
+                if index + 1 < len(shards):
+                    stage.prefetch(shards[index + 1])
+                write = stage.compute_shard(shard)
+                if written is not None:
+                    yield written[0], written[1].result()
+                written = shard, writes.submit(storage.carrying_options(write))
+            if written is not None:
+                yield written[0], written[1].result()
     finally:
         stage.close()
 

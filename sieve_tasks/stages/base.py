@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -129,16 +131,27 @@ class ShardStage(ABC):
         return done
 
     def run_shard(self, shard: Shard) -> dict[str, Any]:
+        """Compute the shard's output (unless it is complete) and write it; returns the marker."""
+        return self.compute_shard(shard)()
+
+    def compute_shard(self, shard: Shard) -> Callable[[], dict[str, Any]]:
+        """:meth:`run_shard`'s computation; returns its write (the parquet, then the marker; it returns the marker),
+        which may run in another thread while the next shard is computed."""
         expected = self.fingerprint(shard)
         if not self.settings.overwrite:
             done = self.completed(shard.shard_id, expected)
             if done is not None:
                 log.info("%s %s: already complete, skipped", self.name, shard.shard_id)
-                return {**done, "skipped": True}
-        for uri in (self.output_uri(shard.shard_id), self.marker_uri(shard.shard_id)):
-            storage.sweep_temporaries(uri)
+                return lambda: {**done, "skipped": True}
         started = time.perf_counter()
         table, facts = self.process(shard)
+        return functools.partial(self._write, shard, expected, table, facts, time.perf_counter() - started)
+
+    def _write(self, shard: Shard, expected: str, table: pa.Table, facts: dict[str, Any], seconds: float
+               ) -> dict[str, Any]:
+        started = time.perf_counter()
+        for uri in (self.output_uri(shard.shard_id), self.marker_uri(shard.shard_id)):
+            storage.sweep_temporaries(uri)  # what an interrupted write left
         table = table.sort_by("position")
         storage.write_parquet_atomic(
             self.output_uri(shard.shard_id), table, {FINGERPRINT_KEY.decode(): expected, "sieve.stage": self.name}
@@ -153,7 +166,7 @@ class ShardStage(ABC):
             "rows": table.num_rows,
             "ok": statuses.get("ok", 0),
             "failed": statuses.get("failed", 0),
-            "seconds": round(time.perf_counter() - started, 3),
+            "seconds": round(seconds + time.perf_counter() - started, 3),  # computing and writing
             **facts,
         }
         storage.write_json_atomic(self.marker_uri(shard.shard_id), marker)

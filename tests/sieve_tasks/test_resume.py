@@ -18,7 +18,10 @@ pytestmark = pytest.mark.slow
 # at a chosen point inside a stage.
 # (module, class, attribute, nth matching call, text the call's first argument must contain)
 KILL_POINTS = {
-    "caption": ("sieve_tasks.captioner", "BlipCaptioner", "launch", 2, ""),    # second shard's first batch
+    # the second shard's captions staged, not yet renamed (written while a next shard would be captioned)
+    "caption": ("sieve_tasks.storage", "LocalStaging", "__exit__", 2, "/captions/0"),
+    # captioning the second shard, while the first one's write may still be under way
+    "caption model": ("sieve_tasks.captioner", "BlipCaptioner", "launch", 2, ""),
     "embed": ("sieve_tasks.encoders", "TextEncoder", "encode", 2, ""),          # embedding the second shard
     "score": ("sieve_tasks.storage", "LocalStaging", "__exit__", 1, "/scores/"),  # staged, not yet renamed
     "aggregate": ("sieve_tasks.stages.aggregate", None, "_selection", 1, ""),  # counted, thresholds not written
@@ -27,6 +30,7 @@ KILL_POINTS = {
 # What exists when the kill lands where intended (marker path → exists?).
 STATE_AT_KILL = {
     "caption": {"captions/_done/00000000.json": True, "captions/_done/00000001.json": False},
+    "caption model": {"captions/_done/00000001.json": False},
     "embed": {"embeddings/_done/00000000.json": True, "embeddings/_done/00000001.json": False},
     "score": {"embeddings/_done/00000000.json": True, "scores/_done/00000000.json": False},  # shards pipelined
     "aggregate": {"scores/_done/00000001.json": True, "thresholds.json": False},

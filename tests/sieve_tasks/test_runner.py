@@ -1,11 +1,17 @@
-"""sieve run's pipelining: the text side in a process of its own gives what the thread gives."""
+"""sieve run's pipelining: the text side in a process of its own gives what the thread gives; a captioned shard is
+written while the next one is captioned."""
 
 from __future__ import annotations
 
-import pyarrow.parquet as pq
+import threading
 
-from sieve_tasks.runner import run_all
+import pyarrow.parquet as pq
+import pytest
+
+from sieve_tasks import storage
+from sieve_tasks.runner import caption_shards, run_all
 from sieve_tasks.settings import Settings
+from sieve_tasks.shards import Shard
 
 
 def test_text_side_in_its_own_process_equals_the_thread(sample_pool, test_profile_run, tmp_path):
@@ -18,3 +24,67 @@ def test_text_side_in_its_own_process_equals_the_thread(sample_pool, test_profil
     ours = pq.read_table(f"{run}/scores").sort_by("position").to_pylist()
     reference = pq.read_table(f"{test_profile_run}/scores").sort_by("position").to_pylist()
     assert ours == reference
+
+
+class _PipelinedStage:
+    """Stands in for the caption stage in ``caption_shards``: logs what happens when, and each shard's write
+    records the storage options it ran with."""
+
+    def __init__(self, fail_computing: str | None = None, fail_writing: str | None = None):
+        self.events: list[str] = []
+        self.computing = threading.Event()  # set while a later shard is being computed
+        self.fail_computing, self.fail_writing = fail_computing, fail_writing
+        self.options: dict[str, object] = {}
+
+    def prefetch(self, shard) -> None:
+        self.events.append(f"prefetch {shard.shard_id}")
+
+    def compute_shard(self, shard):
+        self.events.append(f"compute {shard.shard_id}")
+        if shard.shard_id != "0":
+            self.computing.set()
+        if shard.shard_id == self.fail_computing:
+            raise RuntimeError(f"captioning {shard.shard_id} failed")
+        return lambda: self._write(shard)
+
+    def _write(self, shard):
+        if shard.shard_id == "0":  # the first shard's write waits until the next shard is being computed
+            assert self.computing.wait(timeout=30), "the write held up the next shard's captioning"
+        if shard.shard_id == self.fail_writing:
+            raise OSError(f"writing {shard.shard_id} failed")
+        self.options[shard.shard_id] = storage.options_snapshot()
+        self.events.append(f"written {shard.shard_id}")
+        return {"shard": shard.shard_id}
+
+    def close(self) -> None:
+        self.events.append("closed")
+
+
+def _shards(count: int) -> list[Shard]:
+    return [Shard(str(i), f"/pool/{i}.tar", "{}") for i in range(count)]
+
+
+def test_caption_shards_writes_a_shard_while_the_next_is_captioned():
+    stage = _PipelinedStage()
+    with storage.storage_options("s3", {"endpoint_url": "http://127.0.0.1:1"}):
+        done = [(shard.shard_id, marker) for shard, marker in caption_shards(stage, _shards(3))]
+    assert done == [(str(i), {"shard": str(i)}) for i in range(3)]
+    assert stage.events.index("compute 1") < stage.events.index("written 0")
+    assert stage.events[-1] == "closed"
+    assert all(options == {"s3": {"endpoint_url": "http://127.0.0.1:1"}} for options in stage.options.values())
+
+
+def test_caption_shards_writes_the_shard_before_a_failed_one_and_raises():
+    stage = _PipelinedStage(fail_computing="1")
+    with pytest.raises(RuntimeError, match="captioning 1 failed"):
+        list(caption_shards(stage, _shards(3)))
+    assert "written 0" in stage.events and "compute 2" not in stage.events and stage.events[-1] == "closed"
+
+
+def test_caption_shards_raises_a_failed_write():
+    stage = _PipelinedStage(fail_writing="1")
+    yielded = []
+    with pytest.raises(OSError, match="writing 1 failed"):
+        for shard, _ in caption_shards(stage, _shards(3)):
+            yielded.append(shard.shard_id)
+    assert yielded == ["0"] and stage.events[-1] == "closed"
