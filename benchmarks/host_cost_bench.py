@@ -201,10 +201,10 @@ def models(settings: Settings, tokenizer_processes: int) -> tuple[BlipCaptioner,
     return captioner, clip
 
 
-def measure(pool: Path, work: Path, settings: Settings, captioner, clip, reader_process: bool
+def measure(pool: Path, work: Path, settings: Settings, captioner, clip, reader_process: bool, running: frozenset
             ) -> tuple[str, list[float]]:
     """The run and [seconds, consumer thread's CPU seconds, the rest of the process's, the helper processes'] of the
-    caption stage over the pool."""
+    caption stage over the pool (``running``: child processes that outlive it)."""
     run = tempfile.mkdtemp(dir=work)
     stage = CaptionStage(run, settings, captioner=captioner, clip=clip)
     shards = register_pool(str(pool), run)
@@ -218,16 +218,19 @@ def measure(pool: Path, work: Path, settings: Settings, captioner, clip, reader_
 
     stage.image_pass = image_pass
     clip.tokenize(["started"]).result()  # tokenizer processes (if any) running before the clock starts
-    children = _children_cpu()
+    children = _children_cpu(running | set(multiprocessing.active_children()))  # no other child is exiting now
     wall, main, process = time.perf_counter(), time.thread_time(), time.process_time()
     for _ in caption_shards(stage, shards):
         pass
     wall, main, process = time.perf_counter() - wall, time.thread_time() - main, time.process_time() - process
-    # helpers are reaped by the stage's close()
-    return run, [wall, main, process - main, _children_cpu() - children]
+    return run, [wall, main, process - main, _children_cpu(running) - children]
 
 
-def _children_cpu() -> float:
+def _children_cpu(running: frozenset = frozenset()) -> float:
+    """CPU seconds of the child processes that ended, after waiting for every child but the ``running`` ones to
+    exit (the stage's close() does not wait for CLIP's tokenizer processes)."""
+    for child in set(multiprocessing.active_children()) - running:
+        child.join()
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
@@ -253,10 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         texts: list[list[float]] = []
         with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as text_process:
             text_process.submit(os.getpid).result()  # started before open_clip's import changes the environment
+            running = frozenset(multiprocessing.active_children())
             layouts = {name: (*models(settings, processes), reader) for name, (processes, reader) in LAYOUTS.items()}
+            for _, clip, _ in layouts.values():
+                clip.close()  # each run starts its own tokenizer processes (if any) and stops them
+            _children_cpu(running)
             for repeat in range(args.repeats + 1):  # the first round warms caches and allocators
                 for name, (captioner, clip, reader) in layouts.items():
-                    run, figures = measure(pool, work, settings, captioner, clip, reader)
+                    run, figures = measure(pool, work, settings, captioner, clip, reader, running)
                     if repeat:
                         runs[name].append(figures)
                 figures = text_process.submit(text_side, str(pool), run, settings).result()
