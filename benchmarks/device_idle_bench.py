@@ -35,13 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from host_cost_bench import VIEW, models, write_shard  # noqa: E402
+from host_cost_bench import bench_settings, caption_stage, models, write_pool  # noqa: E402
 
 from sieve_tasks.pool import register_pool  # noqa: E402
 from sieve_tasks.runner import SWITCH_INTERVAL, caption_shards  # noqa: E402
 from sieve_tasks.settings import Settings  # noqa: E402
-from sieve_tasks.stages.caption import CLIP_TOKENIZER_PROCESSES, CaptionStage  # noqa: E402
-from sieve_tasks.test_models import TINY_BLIP, TINY_CLIP  # noqa: E402
+from sieve_tasks.stages.caption import CLIP_TOKENIZER_PROCESSES  # noqa: E402
 
 
 class SimulatedStream:
@@ -111,15 +110,7 @@ class StreamClip:
 
 def caption_task(pool: Path, work: Path, settings: Settings, captioner, clip) -> float:
     """Seconds of the caption stage over the pool, CUDA layout (tar reader process, torchvision decode)."""
-    stage = CaptionStage(tempfile.mkdtemp(dir=work), settings, captioner=captioner, clip=clip)
-    make_pass = stage.image_pass
-
-    def image_pass():
-        images = make_pass()
-        images.jpeg_decoder, images.reader_process = "torchvision", True
-        return images
-
-    stage.image_pass = image_pass
+    stage = caption_stage(work, settings, captioner, clip, reader_process=True)
     shards = register_pool(str(pool), stage.run)
     clip.tokenize(["started"]).result()  # tokenizer processes running before the clock starts
     started = time.perf_counter()
@@ -147,11 +138,8 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.repeats}")
     with tempfile.TemporaryDirectory(prefix="sieve-device-idle-") as tmp:
         pool, work = Path(tmp, "pool"), Path(tmp)
-        pool.mkdir()
-        for shard in range(args.shards):
-            write_shard(pool, shard, args.samples // args.shards)
-        settings = Settings(profile="test", captioner=TINY_BLIP, clip=TINY_CLIP, caption_batch_size=args.batch,
-                            image_size=VIEW, decode_workers=1, score="fused")
+        write_pool(pool, args.samples, args.shards)
+        settings = bench_settings(args.batch)
         captioner, clip = models(settings, CLIP_TOKENIZER_PROCESSES)
         runs = []
         for repeat in range(args.repeats + 1):  # the first round warms caches and allocators

@@ -201,22 +201,39 @@ def models(settings: Settings, tokenizer_processes: int) -> tuple[BlipCaptioner,
     return captioner, clip
 
 
-def measure(pool: Path, work: Path, settings: Settings, captioner, clip, reader_process: bool, running: frozenset
-            ) -> tuple[str, list[float]]:
-    """The run and [seconds, consumer thread's CPU seconds, the rest of the process's, the helper processes'] of the
-    caption stage over the pool (``running``: child processes that outlive it)."""
-    run = tempfile.mkdtemp(dir=work)
-    stage = CaptionStage(run, settings, captioner=captioner, clip=clip)
-    shards = register_pool(str(pool), run)
+def write_pool(pool: Path, samples: int, shards: int) -> None:
+    pool.mkdir()
+    for shard in range(shards):
+        write_shard(pool, shard, samples // shards)
+
+
+def bench_settings(batch: int) -> Settings:
+    return Settings(profile="test", captioner=TINY_BLIP, clip=TINY_CLIP, caption_batch_size=batch, image_size=VIEW,
+                    decode_workers=1, score="fused")
+
+
+def caption_stage(work: Path, settings: Settings, captioner, clip, reader_process: bool) -> CaptionStage:
+    """A caption stage with these models in a fresh run under ``work``, its image pass on the CUDA path's Python
+    (batched decode call, tensor resize; the tar reader in a process of its own if ``reader_process``)."""
+    stage = CaptionStage(tempfile.mkdtemp(dir=work), settings, captioner=captioner, clip=clip)
     make_pass = stage.image_pass
 
     def image_pass():
         images = make_pass()
-        images.jpeg_decoder = "torchvision"  # the CUDA path's Python: batched decode call, tensor resize
-        images.reader_process = reader_process
+        images.jpeg_decoder, images.reader_process = "torchvision", reader_process
         return images
 
     stage.image_pass = image_pass
+    return stage
+
+
+def measure(pool: Path, work: Path, settings: Settings, captioner, clip, reader_process: bool, running: frozenset
+            ) -> tuple[str, list[float]]:
+    """The run and [seconds, consumer thread's CPU seconds, the rest of the process's, the helper processes'] of the
+    caption stage over the pool (``running``: child processes that outlive it)."""
+    stage = caption_stage(work, settings, captioner, clip, reader_process)
+    run = stage.run
+    shards = register_pool(str(pool), run)
     clip.tokenize(["started"]).result()  # tokenizer processes (if any) running before the clock starts
     children = _children_cpu(running | set(multiprocessing.active_children()))  # no other child is exiting now
     wall, main, process = time.perf_counter(), time.thread_time(), time.process_time()
@@ -247,11 +264,8 @@ def main(argv: list[str] | None = None) -> int:
           f"shards, batch {args.batch}, median of {args.repeats} (layouts alternated)")
     with tempfile.TemporaryDirectory(prefix="sieve-host-cost-") as tmp:
         pool, work = Path(tmp, "pool"), Path(tmp)
-        pool.mkdir()
-        for shard in range(args.shards):
-            write_shard(pool, shard, args.samples // args.shards)
-        settings = Settings(profile="test", captioner=TINY_BLIP, clip=TINY_CLIP, caption_batch_size=args.batch,
-                            image_size=VIEW, decode_workers=1, score="fused")
+        write_pool(pool, args.samples, args.shards)
+        settings = bench_settings(args.batch)
         runs: dict[str, list[list[float]]] = {name: [] for name in LAYOUTS}
         texts: list[list[float]] = []
         with ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as text_process:

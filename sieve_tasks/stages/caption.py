@@ -342,7 +342,7 @@ class _ShardCaptioning:
         self.clip_launched.append((rows, image, clip.encode_tokens(tokens[slots])))
 
     def collect_clip(self, keep: int) -> None:
-        """The oldest launched CLIP vectors on the host until at most ``keep`` batches' wait, and the CLIP score of
+        """The oldest launched CLIP vectors on the host until at most ``keep`` batches wait, and the CLIP score of
         their rows from the full-precision vectors."""
         while len(self.clip_launched) > keep:
             rows, image, text = self.clip_launched.popleft()
