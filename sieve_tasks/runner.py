@@ -47,21 +47,18 @@ def run_shard_stage(name: str, input_spec: str, run: str, settings: Settings, sh
 
 
 def caption_shards(stage: CaptionStage, shards: Iterable[Shard]) -> Iterator[tuple[Shard, dict[str, Any]]]:
-    """Caption shards in order: each next shard's images are read and decoded while the one before is captioned,
-    and each shard's output is written while the next one is captioned (the accelerator does not wait through
-    the writes' storage round trips). Yields each shard with its marker once written; a shard whose captioning
-    fails still gets the shard before it written."""
-    shards = list(shards)
+    """Caption shards in order (:meth:`CaptionStage.compute_shards`: one stream of batches for the accelerator
+    across the shards), each shard's finishing and write in a writer thread while the next shard is captioned (the
+    accelerator does not wait through the writes' storage round trips). Yields each shard with its marker once
+    written; a shard whose captioning fails still gets the shard before it written."""
     written: tuple[Shard, Future[dict[str, Any]]] | None = None
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="caption-writes") as writes:
-            for index, shard in enumerate(shards):
-                if index + 1 < len(shards):
-                    stage.prefetch(shards[index + 1])
-                write = stage.compute_shard(shard)
+            for shard, write in stage.compute_shards(list(shards)):
+                submitted = shard, writes.submit(storage.carrying_options(write))
                 if written is not None:
                     yield written[0], written[1].result()
-                written = shard, writes.submit(storage.carrying_options(write))
+                written = submitted
             if written is not None:
                 yield written[0], written[1].result()
     finally:

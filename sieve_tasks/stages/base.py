@@ -138,18 +138,31 @@ class ShardStage(ABC):
         """:meth:`run_shard`'s computation; returns its write (the parquet, then the marker; it returns the marker),
         which may run in another thread while the next shard is computed."""
         expected = self.fingerprint(shard)
-        if not self.settings.overwrite:
-            done = self.completed(shard.shard_id, expected)
-            if done is not None:
-                log.info("%s %s: already complete, skipped", self.name, shard.shard_id)
-                return lambda: {**done, "skipped": True}
+        done = self.finished(shard, expected)
+        if done is not None:
+            return lambda: done
         started = time.perf_counter()
         table, facts = self.process(shard)
-        return functools.partial(self._write, shard, expected, table, facts, time.perf_counter() - started)
+        return self.write_of(shard, expected, lambda: (table, facts), time.perf_counter() - started)
 
-    def _write(self, shard: Shard, expected: str, table: pa.Table, facts: dict[str, Any], seconds: float
-               ) -> dict[str, Any]:
+    def finished(self, shard: Shard, expected: str) -> dict[str, Any] | None:
+        """The marker to return for a shard whose output is complete under ``expected`` (never with --overwrite)."""
+        done = None if self.settings.overwrite else self.completed(shard.shard_id, expected)
+        if done is None:
+            return None
+        log.info("%s %s: already complete, skipped", self.name, shard.shard_id)
+        return {**done, "skipped": True}
+
+    def write_of(self, shard: Shard, expected: str, result: Callable[[], tuple[pa.Table, dict[str, Any]]],
+                 seconds: float) -> Callable[[], dict[str, Any]]:
+        """The write of a shard computed under ``expected`` in ``seconds``: ``result()`` gives its table and the
+        marker's facts (what remains of the computation may run with the write)."""
+        return functools.partial(self._write, shard, expected, result, seconds)
+
+    def _write(self, shard: Shard, expected: str, result: Callable[[], tuple[pa.Table, dict[str, Any]]],
+               seconds: float) -> dict[str, Any]:
         started = time.perf_counter()
+        table, facts = result()
         for uri in (self.output_uri(shard.shard_id), self.marker_uri(shard.shard_id)):
             storage.sweep_temporaries(uri)  # what an interrupted write left
         table = table.sort_by("position")

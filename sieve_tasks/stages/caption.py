@@ -11,6 +11,7 @@ import itertools
 import time
 import zlib
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,7 +28,7 @@ from sieve_tasks.caption_cache import (
     CaptionCache,
     cache_fingerprint,
 )
-from sieve_tasks.image_pass import BatchStream, ImagePass, Item, Need
+from sieve_tasks.image_pass import BatchStream, ImageBatch, ImagePass, Item, Need
 from sieve_tasks.models import Device
 from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
 from sieve_tasks.shards import UID_PATTERN, SampleError, Shard, canonical_uids, expected_samples
@@ -62,7 +63,8 @@ class CaptionStage(ShardStage):
         self._clip = clip
         self._provided: dict[str, dict[str, list[str]]] = {}
         self._cache: CaptionCache | None = None
-        self._prefetched: dict[str, _ShardCaptioning] = {}
+        # shards whose image pass started early (compute_shards): fingerprint, marker if complete, captioning
+        self._upcoming: dict[str, tuple[str, dict[str, Any] | None, _ShardCaptioning | None]] = {}
         self.device = Device.choose(settings.device, settings.dtype)
         self.torch_device = torch.device(self.device.device)
 
@@ -145,29 +147,84 @@ class CaptionStage(ShardStage):
             raise ValueError(f"{shard.metadata_uri} has no column {column!r} (needed by --clip-from-metadata)")
         return dict(zip(canonical_uids(table.column("uid").to_pylist()), table.column(column).to_pylist()))
 
-    def prefetch(self, shard: Shard) -> None:
-        """Start reading and decoding ``shard`` while the models still work on the current one (its batches wait in
-        the image pass's bounded queue); nothing happens for a shard whose output is already complete."""
-        if shard.shard_id in self._prefetched or (
-                not self.settings.overwrite and self.completed(shard.shard_id, self.fingerprint(shard)) is not None):
-            return
+    def compute_shards(self, shards: list[Shard]) -> Iterator[tuple[Shard, Callable[[], dict[str, Any]]]]:
+        """:meth:`compute_shard` of each shard in order, their batches one stream for the device: a shard's image
+        pass starts once the shard before launched its first batch, and a shard is settled (its last CLIP vectors
+        copied to the host) only after the next one launched its first batch, while the device works on that;
+        what remains (its last captions, its table) is part of its write, which may run in another thread. Yields
+        each shard with its write; a shard whose captioning fails still has the shard before it yielded first."""
+        launched: tuple[Shard, str, _ShardCaptioning, float] | None = None  # the shard before, not yet settled
+
+        def settle_launched() -> Iterator[tuple[Shard, Callable[[], dict[str, Any]]]]:
+            nonlocal launched
+            if launched is not None:
+                before, launched = launched, None
+                yield self._settled(*before)
+
+        for index, shard in enumerate(shards):
+            upcoming = shards[index + 1] if index + 1 < len(shards) else None
+            captioning = None
+            try:
+                expected, done, captioning = self._upcoming.pop(shard.shard_id, None) or self._prepare(shard)
+                if captioning is None:
+                    yield from settle_launched()
+                    yield shard, lambda done=done: done
+                    continue
+                started = time.perf_counter()
+                for batch in captioning.stream:
+                    captioning.launch_batch(batch)
+                    if upcoming is not None:
+                        self._upcoming[upcoming.shard_id] = self._prepare(upcoming)
+                        upcoming = None
+                    yield from settle_launched()
+                captioning.launch_rest()
+            except Exception:
+                yield from settle_launched()
+                raise
+            finally:
+                if captioning is not None:
+                    captioning.close()
+            yield from settle_launched()  # a shard without samples launched nothing
+            launched = shard, expected, captioning, time.perf_counter() - started
+        yield from settle_launched()
+
+    def _prepare(self, shard: Shard) -> tuple[str, dict[str, Any] | None, _ShardCaptioning | None]:
+        """A shard's fingerprint, its marker if its output is complete, else its captioning, its image pass started
+        (its batches wait in the pass's bounded queue)."""
+        expected = self.fingerprint(shard)
+        done = self.finished(shard, expected)
+        if done is not None:
+            return expected, done, None
         captioning = _ShardCaptioning(self, shard)
         captioning.start()
-        self._prefetched[shard.shard_id] = captioning
+        return expected, None, captioning
+
+    def _settled(self, shard: Shard, expected: str, captioning: _ShardCaptioning, seconds: float
+                 ) -> tuple[Shard, Callable[[], dict[str, Any]]]:
+        started = time.perf_counter()
+        captioning.settle()
+        return shard, self.write_of(shard, expected, captioning.finish, seconds + time.perf_counter() - started)
 
     def close(self) -> None:
-        """Stop the image passes of prefetched shards that were never processed, the captioner's text thread and
-        CLIP's tokenizer processes."""
-        for captioning in self._prefetched.values():
-            captioning.close()
-        self._prefetched.clear()
+        """Stop the image passes of shards started but never processed, the captioner's text thread and CLIP's
+        tokenizer processes."""
+        for _, _, captioning in self._upcoming.values():
+            if captioning is not None:
+                captioning.close()
+        self._upcoming.clear()
         for model in (self._captioner, self._clip):
             if model is not None:
                 model.close()
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
-        captioning = self._prefetched.pop(shard.shard_id, None) or _ShardCaptioning(self, shard)
-        return captioning.run()
+        captioning = _ShardCaptioning(self, shard)
+        captioning.start()
+        try:
+            captioning.launch_all()
+        finally:
+            captioning.close()
+        captioning.settle()
+        return captioning.finish()
 
 
 View = tuple[torch.Tensor, int]  # an image's model view: (a batch's uint8 views, its row there)
@@ -233,30 +290,40 @@ class _ShardCaptioning:
         if self.stream is not None:
             self.stream.close()
 
-    def run(self) -> tuple[pa.Table, dict[str, Any]]:
-        device = self.stage.torch_device
-        self.start()
-        try:
-            for batch in self.stream:
-                views = batch.pixels_on(device)
-                # CLIP's tokens of the alt-texts, by slot like the views: asked for before BLIP runs on the batch
-                tokens = self.stage.clip.tokenize([item.sample.text for item in batch.items if item.slot is not None]
-                                                  ) if self.settings.computes_clip else None
-                first = len(self.rows)
-                for item in batch.items:
-                    self.take(item, views)  # launches BLIP on each full caption batch
-                if tokens is not None:
-                    self.embed_clip(batch.items, views, tokens.result(), first)
-                # what the launches gave, put into rows while (on CUDA) the device works on CLIP
-                self.collect(keep=CAPTION_BATCHES_IN_TEXT)
-                self.collect_clip(keep=1)
-        finally:
-            self.close()
+    def launch_batch(self, batch: ImageBatch) -> None:
+        """Rows for an image batch, BLIP launched on each full caption batch, CLIP on the batch; then what earlier
+        launches gave is put into rows (on CUDA while the device works on CLIP)."""
+        views = batch.pixels_on(self.stage.torch_device)
+        # CLIP's tokens of the alt-texts, by slot like the views: asked for before BLIP runs on the batch
+        tokens = self.stage.clip.tokenize([item.sample.text for item in batch.items if item.slot is not None]
+                                          ) if self.settings.computes_clip else None
+        first = len(self.rows)
+        for item in batch.items:
+            self.take(item, views)  # launches BLIP on each full caption batch
+        if tokens is not None:
+            self.embed_clip(batch.items, views, tokens.result(), first)
+        self.collect(keep=CAPTION_BATCHES_IN_TEXT)
+        self.collect_clip(keep=1)
+
+    def launch_all(self) -> None:
+        """Every image batch launched, then the rest (:meth:`launch_rest`)."""
+        for batch in self.stream:
+            self.launch_batch(batch)
+        self.launch_rest()
+
+    def launch_rest(self) -> None:
+        """After the last image batch: the cache's candidates resolved, the last caption batch launched."""
         if self.candidates:
             self.resolve()
         self.flush()
-        self.collect(keep=0)
+
+    def settle(self) -> None:
+        """The last CLIP vectors to the host (on CUDA a copy from the device: done by the thread that launched)."""
         self.collect_clip(keep=0)
+
+    def finish(self) -> tuple[pa.Table, dict[str, Any]]:
+        """The shard's table and facts, once settled: its last captions, then its rows (any thread)."""
+        self.collect(keep=0)
         return self.table()
 
     def take(self, item: Item, views: dict[int, torch.Tensor]) -> None:

@@ -36,16 +36,14 @@ class _PipelinedStage:
         self.fail_computing, self.fail_writing = fail_computing, fail_writing
         self.options: dict[str, object] = {}
 
-    def prefetch(self, shard) -> None:
-        self.events.append(f"prefetch {shard.shard_id}")
-
-    def compute_shard(self, shard):
-        self.events.append(f"compute {shard.shard_id}")
-        if shard.shard_id != "0":
-            self.computing.set()
-        if shard.shard_id == self.fail_computing:
-            raise RuntimeError(f"captioning {shard.shard_id} failed")
-        return lambda: self._write(shard)
+    def compute_shards(self, shards):
+        for shard in shards:
+            self.events.append(f"compute {shard.shard_id}")
+            if shard.shard_id != "0":
+                self.computing.set()
+            if shard.shard_id == self.fail_computing:
+                raise RuntimeError(f"captioning {shard.shard_id} failed")
+            yield shard, lambda shard=shard: self._write(shard)
 
     def _write(self, shard):
         if shard.shard_id == "0":  # the first shard's write waits until the next shard is being computed

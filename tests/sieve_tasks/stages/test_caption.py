@@ -3,9 +3,11 @@ writes what it writes without them."""
 
 from __future__ import annotations
 
+import shutil
 from concurrent.futures import Future
 
 import pyarrow.parquet as pq
+import pytest
 
 from sieve_tasks.encoders import ClipEncoder
 from sieve_tasks.models import Device
@@ -41,9 +43,26 @@ def test_worker_processes_give_the_inline_captions_table(sample_pool, tmp_path, 
     assert pooled.equals(inline)
 
 
+def test_a_shard_whose_captioning_fails_has_the_shard_before_it_written(sample_pool, test_profile_run, tmp_path):
+    """A shard is finished only once the next one has launched its first batch: when the next one fails before
+    that, the shard before is still finished and written, then the error is raised."""
+    pool = tmp_path / "pool"
+    shutil.copytree(sample_pool, pool)
+    run = str(tmp_path / "run")
+    shards = register_pool(str(pool), run)
+    assert [shard.shard_id for shard in shards] == ["00000000", "00000001"]
+    (pool / "00000001.tar").unlink()
+    with pytest.raises(FileNotFoundError):
+        for _ in caption_shards(CaptionStage(run, Settings(profile="test")), shards):
+            pass
+    written = pq.read_table(f"{run}/captions/00000000.parquet")
+    assert written.equals(pq.read_table(f"{test_profile_run}/captions/00000000.parquet"))
+    assert not (tmp_path / "run" / "captions" / "_done" / "00000001.json").exists()
+
+
 class _LateTextCaptioner:
     """Hands out each batch's captions only once the next batch was launched (or the stage collects them at the
-    end of the shard): a stage that waited for a batch's text before launching the next would stall here."""
+    end of the run): a stage that waited for a batch's text before launching the next would stall here."""
 
     oom_splits = 0
 
@@ -70,7 +89,8 @@ class _LateTextCaptioner:
 
 def test_captions_are_collected_after_the_next_batch_is_launched(sample_pool, tmp_path, monkeypatch):
     """The stage launches a caption batch without waiting for the one before to become text, keeps at most
-    CAPTION_BATCHES_IN_TEXT waiting, and puts every batch's captions into its own rows."""
+    CAPTION_BATCHES_IN_TEXT waiting, finishes a shard only after the next one launched, and puts every batch's
+    captions into its own rows."""
     from sieve_tasks.stages import caption as caption_module
 
     captioner = _LateTextCaptioner()
@@ -93,7 +113,7 @@ def test_captions_are_collected_after_the_next_batch_is_launched(sample_pool, tm
     assert captioner.closed
     assert len(captioner.launched) > 2 * len(shards)
     assert all(captions.done() for captions in captioner.launched)
-    assert len(waited) == len(shards)  # only for a shard's last batch, at its end
+    assert len(shards) > 1 and waited == [len(captioner.launched) - 1]  # only the run's last batch, at its end
     rows = pq.read_table(f"{run}/captions").sort_by([("shard", "ascending"), ("position", "ascending")]).to_pylist()
     captioned = [row for row in rows if row["caption_source"] == "captioner"]
     batches = [int(row["captions"][0].split()[1]) for row in captioned]
@@ -148,8 +168,9 @@ class _EventCaptions:
 def test_clip_is_launched_right_after_blip_and_collected_later(sample_pool, tmp_path):
     """On CUDA BLIP's launch returns when the device is done with it, and a copy to the host waits for the device:
     the stage launches CLIP right after BLIP, before putting any captions or vectors into rows, and copies a batch's
-    CLIP vectors only once something else was launched after them (except at a shard's end) — so the device has
-    work while the stage does its bookkeeping. The CLIP scores are those of copying at once."""
+    CLIP vectors only once something else was launched after them (a shard's last ones after the next shard's first
+    launches; only the run's last batch is copied at once) — so the device has work while the stage does its
+    bookkeeping, across shards too. The CLIP scores are those of copying at once."""
     settings = Settings(profile="test", caption_batch_size=2)
     events: list[str] = []
     tables = []
@@ -172,8 +193,8 @@ def test_clip_is_launched_right_after_blip_and_collected_later(sample_pool, tmp_
     copies = [i for i, event in enumerate(events) if event == "clip copied"]
     assert len(copies) == len(clip_launches) > 3 * len(shards)
     unhidden = [copy for launch, copy in zip(clip_launches, copies) if not launches & set(events[launch + 1 : copy])]
-    assert len(unhidden) <= len(shards)  # a shard's last batch
+    assert len(shards) > 1 and len(unhidden) <= 1  # the run's last batch
     caption_launches = [i for i, event in enumerate(events) if event == "caption launched"]
     assert len(caption_launches) > 3 * len(shards)
     late = [i for i in caption_launches if i + 1 < len(events) and events[i + 1] not in launches]
-    assert len(late) <= len(shards)  # a shard's last caption batch, launched after its last image batch
+    assert len(late) <= 1  # the run's last caption batch, launched after its last image batch
