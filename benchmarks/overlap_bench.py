@@ -53,6 +53,9 @@ class FixedCostCaptioner:
         captions.set_result([["a stand-in caption"] for _ in range(pixel_values.shape[0])])
         return captions
 
+    def start_text(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

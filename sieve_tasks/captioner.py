@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
@@ -51,6 +52,19 @@ def decode_captions(tokenizer: PreTrainedTokenizerFast, tokens: torch.Tensor) ->
     return texts
 
 
+class CaptionText(Future):
+    """A caption batch's text: its tokens become captions in the captioner's own thread once that work is started
+    (:meth:`BlipCaptioner.start_text`, or asking for the result starts it)."""
+
+    def __init__(self, start: Callable[[], None]):
+        super().__init__()
+        self._start = start
+
+    def result(self, timeout: float | None = None) -> list[list[str]]:
+        self._start()
+        return super().result(timeout)
+
+
 class BlipCaptioner:
     """Writes ``num_captions`` nucleus-sampled captions per image, reproducibly for a given seed."""
 
@@ -75,6 +89,8 @@ class BlipCaptioner:
         self.fast = FastBlipDecoder(self.model) if settings.fast_decode else None
         self.oom_splits = 0
         self._texts: ThreadPoolExecutor | None = None  # the thread that turns tokens into captions
+        self._unstarted: list[tuple[torch.Tensor, CaptionText]] = []  # launched batches, their text not started
+        self._lock = threading.Lock()
 
     def auto_batch_size(self) -> int:
         """Images per caption batch that fit in half the device's free memory now (CUDA; the model is loaded)."""
@@ -89,9 +105,10 @@ class BlipCaptioner:
         return self.launch(pixel_values, seed).result()
 
     def launch(self, pixel_values: torch.Tensor, seed: int) -> Future[list[list[str]]]:
-        """Generate a batch's caption tokens now and turn them into text in the captioner's own thread, so the
-        thread that feeds the model goes on with the next batch: the image pass's uint8 views (normalised here, on
-        the model's device) or normalised pixels. An out-of-memory batch is captioned in halves."""
+        """Generate a batch's caption tokens now; they become text in the captioner's own thread once
+        :meth:`start_text` is called (or the result asked for), so the thread that feeds the model goes on with the
+        next launches: the image pass's uint8 views (normalised here, on the model's device) or normalised pixels.
+        An out-of-memory batch is captioned in halves."""
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.view.normalize(pixel_values.to(self.device.device, non_blocking=True),
                                                self.device.dtype)
@@ -109,15 +126,36 @@ class BlipCaptioner:
             halves: Future[list[list[str]]] = Future()
             halves.set_result(self.caption(pixel_values[:half], seed) + self.caption(pixel_values[half:], seed + half))
             return halves
-        if self._texts is None:
-            self._texts = ThreadPoolExecutor(1, thread_name_prefix="caption-text")
-        return self._texts.submit(self._captions, tokens)
+        captions = CaptionText(self.start_text)
+        with self._lock:
+            self._unstarted.append((tokens, captions))
+        return captions
+
+    def start_text(self) -> None:
+        """Turn the launched batches' tokens into text now, in the captioner's own thread. The caption stage calls
+        it once the work that follows BLIP on the device (CLIP) is launched: the text's Python work would otherwise
+        compete for the interpreter lock with those launches, while the device waits."""
+        with self._lock:
+            if not self._unstarted:
+                return
+            if self._texts is None:
+                self._texts = ThreadPoolExecutor(1, thread_name_prefix="caption-text")
+            for tokens, captions in self._unstarted:
+                self._texts.submit(self._make_text, tokens, captions)
+            self._unstarted.clear()
 
     def close(self) -> None:
         """Stop the thread that turns tokens into text (it starts again when next needed)."""
-        if self._texts is not None:
-            self._texts.shutdown()
-            self._texts = None
+        with self._lock:
+            if self._texts is not None:
+                self._texts.shutdown()
+                self._texts = None
+
+    def _make_text(self, tokens: torch.Tensor, captions: CaptionText) -> None:
+        try:
+            captions.set_result(self._captions(tokens))
+        except BaseException as exc:  # handed to whoever asks for the captions
+            captions.set_exception(exc)
 
     def _generate(self, pixel_values: torch.Tensor, seed: int) -> torch.Tensor:
         if self.fast is not None:

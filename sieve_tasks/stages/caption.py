@@ -56,8 +56,8 @@ class CaptionStage(ShardStage):
 
     def __init__(self, run: str, settings: Settings, *, captioner: Any = None, clip: Any = None):
         """``captioner`` / ``clip`` replace the models the settings name (benchmarks, tests): anything with
-        :class:`sieve_tasks.captioner.BlipCaptioner`'s ``launch(pixel_values, seed) -> Future[list[list[str]]]`` and
-        ``close()`` / :class:`sieve_tasks.encoders.ClipEncoder`'s methods."""
+        :class:`sieve_tasks.captioner.BlipCaptioner`'s ``launch(pixel_values, seed) -> Future[list[list[str]]]``,
+        ``start_text()`` and ``close()`` / :class:`sieve_tasks.encoders.ClipEncoder`'s methods."""
         super().__init__(run, settings)
         self._captioner = captioner
         self._clip = clip
@@ -302,6 +302,7 @@ class _ShardCaptioning:
             self.take(item, views)  # launches BLIP on each full caption batch
         if tokens is not None:
             self.embed_clip(batch.items, views, tokens.result(), first)
+        self.start_text()
         self.collect(keep=CAPTION_BATCHES_IN_TEXT)
         self.collect_clip(keep=1)
 
@@ -316,6 +317,7 @@ class _ShardCaptioning:
         if self.candidates:
             self.resolve()
         self.flush()
+        self.start_text()
 
     def settle(self) -> None:
         """The last CLIP vectors to the host (on CUDA a copy from the device: done by the thread that launched)."""
@@ -360,6 +362,11 @@ class _ShardCaptioning:
         seconds = (time.perf_counter() - started) / len(self.waiting)
         self.launched.append(([(row, digest) for row, _, digest in self.waiting], captions, seconds))
         self.waiting.clear()
+
+    def start_text(self) -> None:
+        """The launched caption batches' tokens become text from now on (after CLIP's launch: not beside it)."""
+        if self.launched:
+            self.stage.captioner.start_text()
 
     def collect(self, keep: int) -> None:
         """Captions into their rows: those of every launched batch whose text is ready, and of the oldest ones until

@@ -86,15 +86,22 @@ def test_clip_style_preprocessing_shape():
 
 
 def test_launched_batches_become_text_in_the_captioners_thread(captioner):
-    """``launch`` generates now and makes the text in the captioner's own thread; batches launched one after the
-    other give what ``caption`` gives; ``close`` stops the thread, and a later launch starts it again."""
+    """``launch`` generates now; the text is made in the captioner's own thread once ``start_text`` is called (or
+    the result asked for); batches launched one after the other give what ``caption`` gives; ``close`` stops the
+    thread, and a later launch starts it again."""
     import threading
 
+    def text_thread() -> bool:
+        return any(t.name.startswith("caption-text") for t in threading.enumerate())
+
+    captioner.close()
     pixels = [torch.randn(2, 3, 224, 224), torch.randn(3, 3, 224, 224)]
     launched = [captioner.launch(p, seed=5 + i) for i, p in enumerate(pixels)]
-    assert any(t.name.startswith("caption-text") for t in threading.enumerate())
+    assert not text_thread() and not any(captions.done() for captions in launched)
+    captioner.start_text()
+    assert text_thread()
     assert [f.result() for f in launched] == [captioner.caption(p, seed=5 + i) for i, p in enumerate(pixels)]
     captioner.close()
     assert not any(t.name.startswith("caption-text") for t in threading.enumerate())
-    assert len(captioner.launch(pixels[0], seed=5).result()) == 2
+    assert len(captioner.launch(pixels[0], seed=5).result()) == 2  # asking for the result starts the text
     captioner.close()

@@ -79,6 +79,9 @@ class _LateTextCaptioner:
         self.launched.append(captions)
         return captions
 
+    def start_text(self) -> None:
+        pass
+
     def _finish(self, index: int) -> None:
         captions = self.launched[index]
         captions.set_result([[f"batch {captions.batch} image {i}"] for i in range(captions.size)])
@@ -179,9 +182,12 @@ def test_clip_is_launched_right_after_blip_and_collected_later(sample_pool, tmp_
         clip = ClipEncoder(TINY_CLIP, Device.choose("cpu"), settings.embed_batch_size)
         stage = CaptionStage(run, settings, clip=_EventClip(clip, events) if logged else clip)
         if logged:
-            launch = stage.captioner.launch
-            stage.captioner.launch = lambda *args: (events.append("caption launched"),
-                                                    _EventCaptions(launch(*args), events))[1]
+            captioner = stage.captioner
+            launch, start_text, make = captioner.launch, captioner.start_text, captioner._captions
+            captioner.launch = lambda *args: (events.append("caption launched"),
+                                              _EventCaptions(launch(*args), events))[1]
+            captioner.start_text = lambda: (events.append("text started"), start_text())[1]
+            captioner._captions = lambda tokens: (events.append("text made"), make(tokens))[1]
         shards = register_pool(sample_pool, run)
         for _ in caption_shards(stage, shards):
             pass
@@ -196,5 +202,22 @@ def test_clip_is_launched_right_after_blip_and_collected_later(sample_pool, tmp_
     assert len(shards) > 1 and len(unhidden) <= 1  # the run's last batch
     caption_launches = [i for i, event in enumerate(events) if event == "caption launched"]
     assert len(caption_launches) > 3 * len(shards)
-    late = [i for i in caption_launches if i + 1 < len(events) and events[i + 1] not in launches]
+    moments = [event for event in events if event not in ("text made", "text started")]
+    late = [i for i, event in enumerate(moments) if event == "caption launched"
+            and i + 1 < len(moments) and moments[i + 1] not in launches]
     assert len(late) <= 1  # the run's last caption batch, launched after its last image batch
+    # a caption batch's text (Python work in the captioner's thread) is started only after CLIP's launch
+    for i in caption_launches:
+        following = next((j for j in range(i + 1, len(events)) if events[j] in launches), len(events))
+        if following < len(events) and events[following] == "clip launched":
+            assert "text started" not in events[i + 1 : following]
+    launched = started_up_to = made = 0  # and never made before it is started
+    for event in events:
+        if event == "caption launched":
+            launched += 1
+        elif event == "text started":
+            started_up_to = launched
+        elif event == "text made":
+            made += 1
+            assert made <= started_up_to
+    assert made == launched
