@@ -5,7 +5,10 @@ process that feeds the accelerator.
 The reader is ``python -m sieve_tasks.tar_reader`` (a plain subprocess: it imports only the shard reader, whatever
 the parent's main module is). It gets its request (the shard, the pixel limit, the storage options) as JSON on stdin
 and writes the samples to stdout as an Arrow IPC stream, 64 a record batch; the pipe bounds how far it reads ahead.
-An error ends it with exit status 1 and the error as JSON on the last line of stderr. Nothing is pickled.
+An error ends it with exit status 1 and the error as JSON on the last line of stderr. Nothing is pickled. A reader
+costs ~0.5 s to start (imports; pyarrow's first conversion imports pandas): while the caption stage runs on CUDA, one
+is kept started ahead of need (:func:`keep_spare_reader`), waiting for its request — the first one while the models
+load, each next one while a shard is read (a short shard takes less than a reader's start).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
+from typing import IO
 
 import pyarrow as pa
 
@@ -35,20 +40,44 @@ SAMPLE_SCHEMA = pa.schema([  # Sample's fields, in order
 RAISED_AS = {error.__name__: error for error in (FileNotFoundError, PermissionError, storage.StorageError, OSError)}
 
 
+Reader = tuple[subprocess.Popen, IO[bytes]]  # a reader process and the file that takes its stderr
+_spare: list[Reader] = []  # at most one reader started ahead of need, waiting for its request
+_keeping = False  # whether a taken spare is replaced at once
+_spare_lock = threading.Lock()
+
+
+def keep_spare_reader() -> None:
+    """From now on (until :func:`stop_spare_reader`) keep one reader process started ahead of need: each
+    :func:`samples_in_process` takes it, its start-up (~0.5 s: imports, warm-up) done, and starts the next one."""
+    global _keeping
+    with _spare_lock:
+        _keeping = True
+        if not _spare:
+            _spare.append(_spawn())
+
+
+def stop_spare_reader() -> None:
+    """Stop keeping a spare reader, and stop the one waiting."""
+    global _keeping
+    with _spare_lock:
+        _keeping = False
+        while _spare:
+            reader, errors = _spare.pop()
+            _stop(reader)
+            errors.close()
+
+
 def samples_in_process(shard: Shard, max_pixels: int | None = None) -> Iterator[Sample]:
     """:func:`~sieve_tasks.shards.read_samples` of ``shard`` (image headers checked too, with ``max_pixels``), read
-    by a reader process. A read error is raised here, a reader that dies is an error too; closing the generator
-    stops the reader."""
+    by a reader process (the spare one, if started and alive). A read error is raised here, a reader that dies is
+    an error too; closing the generator stops the reader."""
     try:
         request = json.dumps({"shard": dataclasses.asdict(shard), "max_pixels": max_pixels,
                               "storage_options": storage.options_snapshot()})
     except TypeError as exc:
         raise TypeError(f"storage options must be JSON values to reach the tar reader process ({exc})") from None
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-    with tempfile.TemporaryFile() as errors:
-        reader = subprocess.Popen([sys.executable, "-m", "sieve_tasks.tar_reader"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=errors, env=env, bufsize=PIPE_BUFFER)
+    reader, errors = _taken_spare() or _spawn()
+    with errors:
         try:
             with reader.stdin:
                 reader.stdin.write(request.encode())
@@ -63,10 +92,39 @@ def samples_in_process(shard: Shard, max_pixels: int | None = None) -> Iterator[
             if reader.wait() != 0:
                 raise _reader_error(shard, reader.returncode, errors)
         finally:
-            if reader.poll() is None:
-                reader.kill()
-            reader.wait()
-            reader.stdout.close()
+            _stop(reader)
+
+
+def _spawn() -> Reader:
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    errors = tempfile.TemporaryFile()
+    reader = subprocess.Popen([sys.executable, "-m", "sieve_tasks.tar_reader"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=errors, env=env, bufsize=PIPE_BUFFER)
+    return reader, errors
+
+
+def _taken_spare() -> Reader | None:
+    with _spare_lock:
+        if not _spare:
+            return None
+        reader, errors = _spare.pop()
+        if _keeping:  # the next read's reader starts now
+            _spare.append(_spawn())
+    if reader.poll() is None:
+        return reader, errors
+    _stop(reader)  # it died waiting: a fresh one is started instead
+    errors.close()
+    return None
+
+
+def _stop(reader: subprocess.Popen) -> None:
+    if reader.poll() is None:
+        reader.kill()
+    reader.wait()
+    for pipe in (reader.stdin, reader.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 def _reader_error(shard: Shard, status: int, errors) -> Exception:
@@ -88,7 +146,11 @@ def _batch(samples: list[Sample]) -> pa.RecordBatch:
 
 
 def main() -> int:
-    request = json.load(sys.stdin)
+    _batch([])  # pyarrow's first conversion from Python objects imports pandas (~0.3 s): before the request comes
+    text = sys.stdin.read()
+    if not text:  # a spare reader whose caller ended without a request
+        return 0
+    request = json.loads(text)
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the samples' channel: anything printed goes to stderr
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     try:

@@ -33,6 +33,7 @@ from sieve_tasks.models import Device
 from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
 from sieve_tasks.shards import UID_PATTERN, SampleError, Shard, canonical_uids, expected_samples
 from sieve_tasks.stages.base import InconsistentRun, ShardStage
+from sieve_tasks.tar_reader import keep_spare_reader, stop_spare_reader
 from sieve_tasks.vectors import store_vectors
 
 CAPTIONS_SCHEMA = pa.schema([
@@ -153,6 +154,8 @@ class CaptionStage(ShardStage):
         copied to the host) only after the next one launched its first batch, while the device works on that;
         what remains (its last captions, its table) is part of its write, which may run in another thread. Yields
         each shard with its write; a shard whose captioning fails still has the shard before it yielded first."""
+        if self.torch_device.type == "cuda":  # where shards are read by reader processes: each starts ahead
+            keep_spare_reader()
         launched: tuple[Shard, str, _ShardCaptioning, float] | None = None  # the shard before, not yet settled
 
         def settle_launched() -> Iterator[tuple[Shard, Callable[[], dict[str, Any]]]]:
@@ -206,12 +209,13 @@ class CaptionStage(ShardStage):
         return shard, self.write_of(shard, expected, captioning.finish, seconds + time.perf_counter() - started)
 
     def close(self) -> None:
-        """Stop the image passes of shards started but never processed, the captioner's text thread and CLIP's
-        tokenizer processes."""
+        """Stop the image passes of shards started but never processed, a spare tar reader, the captioner's text
+        thread and CLIP's tokenizer processes."""
         for _, _, captioning in self._upcoming.values():
             if captioning is not None:
                 captioning.close()
         self._upcoming.clear()
+        stop_spare_reader()
         for model in (self._captioner, self._clip):
             if model is not None:
                 model.close()

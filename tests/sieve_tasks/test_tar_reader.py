@@ -24,6 +24,32 @@ def test_the_tar_reader_process_gives_what_reading_in_process_gives(sample_pool,
     assert expected[-1].reason == "truncated_tar"
 
 
+def test_a_spare_reader_is_taken_by_the_next_read_and_replaced_until_stopped(sample_pool, tmp_path):
+    """While kept, a reader started ahead of need serves each read (the same samples) and the next one starts; a
+    spare that died is replaced by a fresh reader; once stopped, none waits; a spare whose caller goes ends."""
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
+    expected = list(read_samples(shard))
+    tar_reader.keep_spare_reader()
+    try:
+        for _ in range(2):
+            (spare, _), = tar_reader._spare
+            assert list(samples_in_process(shard)) == expected
+            assert spare.returncode == 0  # it read the shard
+            (replacement, _), = tar_reader._spare
+            assert replacement is not spare and replacement.poll() is None
+        replacement.kill()
+        replacement.wait()
+        assert list(samples_in_process(shard)) == expected
+    finally:
+        tar_reader.stop_spare_reader()
+    assert not tar_reader._spare and replacement.poll() is not None
+    assert list(samples_in_process(shard)) == expected and not tar_reader._spare
+    spare, errors = tar_reader._spawn()
+    spare.stdin.close()
+    assert spare.wait(timeout=60) == 0
+    errors.close()
+
+
 def test_a_reader_that_dies_is_an_error_with_its_last_words(sample_pool, tmp_path, monkeypatch):
     dying = tmp_path / "dying-python"
     dying.write_text("#!/bin/sh\necho 'MemoryError: killed' >&2\nexit 3\n")
