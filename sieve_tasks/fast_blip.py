@@ -127,7 +127,12 @@ class _StaticStep:
         return dec._decode_step(self.tok, self.pos, self.cross, self.cache_k, self.cache_v, self.bias, self.out)
 
     def _capture(self, dec: FastBlipDecoder) -> None:
-        """Warm up on a side stream, then capture (the recipe of ``torch.cuda.graphs``' documentation)."""
+        """Warm up on a side stream, then capture (the recipe of ``torch.cuda.graphs``' documentation).
+
+        ``thread_local``: the image pass's producer thread keeps decoding (nvJPEG, allocations) on its own stream
+        while a shape is captured here; torch's default mode, ``global``, makes such calls from any other thread an
+        error, which would cost the producer its GPU decode and this decoder its graphs.
+        """
         side = torch.cuda.Stream(device=dec.device)
         side.wait_stream(torch.cuda.current_stream(dec.device))
         with torch.cuda.stream(side):
@@ -135,7 +140,7 @@ class _StaticStep:
                 self._eager(dec)
         torch.cuda.current_stream(dec.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.logits = self._eager(dec)
         self.graph = graph
 

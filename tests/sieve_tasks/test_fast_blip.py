@@ -229,6 +229,43 @@ def test_cuda_graph_replay_equals_eager(small):
             _assert_scores_equal(a, b, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_are_captured_while_the_image_pass_decodes_on_cuda(small, sample_pool, tmp_path):
+    """In a CUDA run the producer thread decodes with nvJPEG on its own stream while the decoder captures each new
+    shape: neither may cost the other its GPU path (no eager fallback, no JPEG refused)."""
+    import copy
+    import threading
+
+    from sieve_tasks.image_pass import ImagePass, Need
+    from sieve_tasks.pool import register_pool
+
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[-1]
+    images = ImagePass((224,), 10**8, 4, 2, device="cuda")
+    stop, failures = threading.Event(), []
+
+    def decode_until_stopped() -> None:
+        try:
+            while not stop.is_set():
+                for batch in images.batches(shard, lambda item: Need.PIXELS):
+                    batch.pixels_on(torch.device("cuda"))
+        except Exception as exc:
+            failures.append(exc)
+
+    producer = threading.Thread(target=decode_until_stopped)
+    producer.start()
+    try:
+        fast = FastBlipDecoder(copy.deepcopy(small[0]).cuda())
+        for images_in_batch in range(1, 9):  # a new shape, so a new capture, each time
+            for max_length in (12, 20):
+                fast.generate(torch.randn(images_in_batch, 3, 224, 224), small[1], Settings(), seed=1,
+                              max_length=max_length)
+                assert fast.cuda_graphs and all(step.graph is not None for step in fast._graphs.values())
+    finally:
+        stop.set()
+        producer.join()
+    assert not failures and images.gpu_refused == 0
+
+
 def test_int8_decoder_samples_from_a_close_distribution(small):
     """--int8 is not exact: along the fp32 model's own captions, the int8 model's sampling distribution stays
     close (total variation), and the fp32 model compared with itself gives exactly 0."""
