@@ -37,7 +37,8 @@ def test_tiny_dry_run_reports_every_figure(tmp_path):
         assert figures["seconds"] > 0 and figures["rows_per_s"] > 0, stage
     alone = summary["caption_task_alone"]
     assert alone["rows"] == 64 and alone["rows_per_s"] > 0
-    assert alone["gpu_busy_pct"] is None  # no GPU: n/a, never a made-up figure
+    assert alone["gpu_busy_pct"] is None and alone["gpu_busy_from_first_launch_pct"] is None  # no GPU: n/a
+    assert 0 < alone["first_launch_after_s"] < alone["seconds"]  # BLIP was launched, after its loading
     e2e = summary["end_to_end"]
     assert e2e["samples"] == 64 and e2e["samples_per_s"] > 0 and e2e["gpu_busy_pct"] is None
     decoder = summary["decoder_alone"]
