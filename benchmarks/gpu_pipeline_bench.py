@@ -311,6 +311,7 @@ def run_pipeline(pool: Path, run: Path, model_args: list[str], monitor: GpuMonit
     return {"seconds": round(end - start, 2), "samples": rows, "samples_per_s": round(rows / (end - start), 2),
             "gpu_busy_pct": monitor.mean(start, end) if monitor else None, "stages": stages,
             "caption_batch_size": markers(run, "captions")[0]["caption_batch_size"],
+            "gpu_decode_refused": sum(m["gpu_decode_refused"] for m in markers(run, "captions")),
             "health": summary["health"]["verdict"], "kept": summary["counts"]["kept"]}
 
 
@@ -418,7 +419,8 @@ def print_summary(summary: dict[str, Any], monitor: GpuMonitor | None) -> None:
     print(f"device         {summary['device']} {summary['dtype']}; models {summary['models']} (random weights)")
     print(f"samples        {summary['samples']} in {summary['shards']} shards, mean JPEG "
           f"{summary['mean_jpeg_kb']} KB, <= {MAX_SIDE} px; built in {summary['build_seconds']} s")
-    print(f"caption batch  {summary['caption_batch_size']}")
+    print(f"caption batch  {summary['caption_batch_size']}; JPEGs the GPU decoder refused (decoded by PIL): "
+          f"{summary['gpu_decode_refused']}")
     print(f"{'stage':<12}{'seconds':>9}{'rows':>8}{'rows/s':>11}  (each stage's own time inside sieve run)")
     for stage, r in summary["stages"].items():
         print(f"{stage:<12}{r['seconds']:>9.2f}{r['rows']:>8}{r['rows_per_s']:>11.2f}")
@@ -499,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "models": "tiny BLIP / CLIP / MiniLM" if args.tiny else "BLIP base, ViT-B-32, all-MiniLM-L6-v2",
         "samples": samples, "shards": shards, "mean_jpeg_kb": round(jpeg_bytes / samples / 1e3, 1),
         "build_seconds": build_seconds, "caption_batch_size": pipeline["caption_batch_size"],
+        "gpu_decode_refused": pipeline["gpu_decode_refused"],
         "stages": pipeline.pop("stages"), "caption_task_alone": caption,
         "end_to_end": {k: pipeline[k] for k in ("seconds", "samples", "samples_per_s", "gpu_busy_pct")},
         "decoder_alone": decoder, "manifest": str(work / "run" / "manifest"),

@@ -34,6 +34,9 @@ echo "== end to end: sieve run over ${SAMPLES:-8192} photos, the caption task al
 timeout "${PIPELINE_SECONDS:-300}" python3 benchmarks/gpu_pipeline_bench.py --minilm .minilm \
   --samples "${SAMPLES:-8192}" --out "$OUT/pipeline.json" ${PIPELINE_ARGS:-} 2>&1 | tee "$OUT/pipeline.log"
 
+echo "== fallbacks in that run: decoding given up on CUDA graphs (the count of warnings; 0 is right)"
+grep -c "CUDA-graph decoding failed" "$OUT/pipeline.log"
+
 echo "== where the time goes: each part alone, per-thread stack samples, decoder kernels"
 timeout "${PROFILE_SECONDS:-110}" python3 benchmarks/gpu_stage_profile.py --minilm .minilm --samples 2048 --shards 4 \
   2>&1 | grep -v "Loading weights\|Writing model" | tee "$OUT/profile.log"

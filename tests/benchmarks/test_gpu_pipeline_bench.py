@@ -30,6 +30,7 @@ def test_tiny_dry_run_reports_every_figure(tmp_path):
 
     assert summary["samples"] == 64 and summary["shards"] == 4 and summary["device"] == "cpu"
     assert summary["mean_jpeg_kb"] > 0 and summary["caption_batch_size"] == 8
+    assert summary["gpu_decode_refused"] == 0  # the CPU path decodes with PIL: nothing is refused
     assert set(summary["machine"]) >= {"cpu", "cpus", "gpu", "torch", "transformers", "open_clip"}
     assert list(summary["stages"]) == list(STAGES)
     for stage, figures in summary["stages"].items():
