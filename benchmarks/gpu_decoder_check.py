@@ -7,7 +7,9 @@ Full-size BLIP base from ``BlipConfig()`` with seeded random weights (random wei
 run to max_length: the worst case), random 224 px pixels, SIEVE's settings (8 captions, top_p 0.9, min_length 5,
 max_length 20, repetition_penalty 1.1, prompt "[CLS] a picture of [SEP]"). Prints img/s of ``generate`` for each batch
 size with (a) the step-by-step loop (syncs per step, no graphs), (b) sync-free without graphs, (c) sync-free with CUDA
-graphs, (d) with SDPA attention, (e) with SDPA kept off cuDNN's kernel, next to the vision encoder alone and the decoder alone (total minus vision). Then the total variation distance
+graphs, (d) with SDPA attention and its sampling candidates from fp32 scores of the whole vocabulary, (e) the
+default: candidates from the raw logits, (f) with SDPA kept off cuDNN's kernel, next to the vision encoder alone and
+the decoder alone (total minus vision). Then the total variation distance
 between the next-token sampling distributions of bf16 with graphs and of fp32, teacher-forced along fp32 captions.
 Every part runs in its own try/except: a failure prints its traceback and the script goes on.
 """
@@ -46,6 +48,9 @@ NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBacke
 VARIANTS = {"step-by-step, matmul": dict(sync_free=False, cuda_graphs=False, sdpa_text=False),
             "sync-free, matmul": dict(sync_free=True, cuda_graphs=False, sdpa_text=False),
             "sync-free + graphs, matmul": dict(sync_free=True, cuda_graphs=True, sdpa_text=False),
+            # top-k over fp32 scores of the whole vocabulary was ~20 % of a decode on the H100; what it was then:
+            "sync-free + graphs + SDPA, fp32 top-k": dict(sync_free=True, cuda_graphs=True, sdpa_text=True,
+                                                          candidates_from_logits=False),
             "sync-free + graphs + SDPA": dict(sync_free=True, cuda_graphs=True, sdpa_text=True),
             # cuDNN's fused attention took 29 % of a decode on the H100 (BENCHMARKS.md §10): the same without it
             "sync-free + graphs + SDPA, no cuDNN": dict(sync_free=True, cuda_graphs=True, sdpa_text=True,

@@ -11,7 +11,8 @@ distribution with the same logits processing as transformers (checked against tr
   queries; the image embeddings are never repeated);
 * the prompt is run once per image (its self-attention keys/values are then copied to the image's samples);
 * a preallocated self-attention KV cache, ``scaled_dot_product_attention`` everywhere (vision encoder too);
-* top-k/top-p work on the top-k candidates instead of sorting the vocabulary, in fp32 like transformers;
+* top-k/top-p work on the top-k candidates instead of sorting the vocabulary, in fp32 like transformers; on the
+  sync-free path the candidates are picked from the raw logits in their dtype, processed scores only for them;
 * on CUDA the decode loop makes no host syncs per step (``sync_free``) and each step's forward is a CUDA graph
   replayed over static buffers (``cuda_graphs``); a failure of the graph path falls back to eager with a warning.
 
@@ -170,7 +171,8 @@ class FastBlipDecoder:
     max length, image tokens) shape, the last ``GRAPH_CACHE`` shapes kept; True on CPU runs the same static-buffer
     step uncaptured. ``sync_free`` (None: on for CUDA): no host sync per decode step (see ``sync_free_scores``);
     whether every caption has ended is checked every ``CHECK_EVERY`` steps and the output trimmed to what the
-    step-by-step loop returns.
+    step-by-step loop returns; ``candidates_from_logits`` (default on): its sampling candidates are found among the
+    raw logits' best (``sync_free_scores``' ``from_logits``), off to time processing the whole vocabulary instead.
     """
 
     GRAPH_CACHE = 3
@@ -178,7 +180,8 @@ class FastBlipDecoder:
     TIE_MARGIN = 50  # extra top-k candidates that hold tokens tied with the k-th value (see sync_free_scores)
 
     def __init__(self, model: torch.nn.Module, *, compile: bool = False, sdpa_vision: bool = True,
-                 cuda_graphs: bool | None = None, sync_free: bool | None = None, sdpa_text: bool | None = None):
+                 cuda_graphs: bool | None = None, sync_free: bool | None = None, sdpa_text: bool | None = None,
+                 candidates_from_logits: bool = True):
         self.model = model
         text = model.text_decoder
         cfg = text.config
@@ -206,6 +209,7 @@ class FastBlipDecoder:
         # the decoder's attention through SDPA's fused kernels on CUDA (plain matmuls there run as small batched
         # GEMMs and GEMVs); on CPU the plain matmuls are an order of magnitude faster than its kernels
         self.sdpa_text = on_cuda if sdpa_text is None else sdpa_text
+        self.candidates_from_logits = candidates_from_logits  # see sync_free_scores' from_logits
         self._graphs: OrderedDict[tuple[int, int, int, int], _StaticStep] = OrderedDict()
 
     # ------------------------------------------------------------------ model pieces
@@ -381,7 +385,7 @@ class FastBlipDecoder:
     @classmethod
     def sync_free_scores(cls, ids: torch.Tensor, logits: torch.Tensor, cfg: DecodeConfig, eos_id: int, *,
                          candidates: bool = True, inplace: bool = False, ids_in_vocab: bool = True,
-                         margin: int | None = None) -> tuple[Any, torch.Tensor]:
+                         margin: int | None = None, from_logits: bool = True) -> tuple[Any, torch.Tensor]:
         """``process_scores`` without host syncs: returns ``(scores or (values, token_ids), overflow)``.
 
         Top-k keeps every token tied with the k-th value; they are found among ``top_k + margin`` candidates
@@ -389,6 +393,8 @@ class FastBlipDecoder:
         candidates in topk's arbitrary order (transformers' unstable sort orders ties arbitrarily too). ``overflow``
         (a bool tensor on the device) is set when ties at the k-th value may reach past the candidates: only then
         can the result differ from transformers', and ``generate`` redoes that step on the exact path.
+        ``from_logits``: candidates are found without processing the whole vocabulary (:meth:`_candidates_from_logits`)
+        where that is exact (a repetition penalty of at least 1).
         """
         vocab = logits.shape[-1]
         top_k = min(cfg.top_k or 0, vocab)
@@ -396,11 +402,14 @@ class FastBlipDecoder:
         if not cfg.do_sample or top_k in (0, vocab):  # no tie check on these paths; top_k = vocab keeps everything
             cfg = replace(cfg, top_k=0)
             return cls.process_scores(ids, logits, cfg, eos_id, inplace=inplace, ids_in_vocab=ids_in_vocab), no_overflow
-        scores = cls._penalized(ids, logits, cfg, eos_id, inplace, ids_in_vocab)
-        if cfg.temperature != 1.0:
-            scores = scores / cfg.temperature
         width = min(top_k + (cls.TIE_MARGIN if margin is None else margin), vocab)
-        vals, idx = torch.topk(scores, width)
+        if candidates and from_logits and cfg.repetition_penalty >= 1.0:
+            vals, idx = cls._candidates_from_logits(ids, logits, cfg, eos_id, width)
+        else:
+            scores = cls._penalized(ids, logits, cfg, eos_id, inplace, ids_in_vocab)
+            if cfg.temperature != 1.0:
+                scores = scores / cfg.temperature
+            vals, idx = torch.topk(scores, width)
         thr = vals[:, top_k - 1 : top_k]
         overflow = (vals[:, -1:] == thr).any() if width < vocab else no_overflow
         vals = vals.masked_fill(vals < thr, -math.inf)
@@ -412,6 +421,30 @@ class FastBlipDecoder:
         if candidates:
             return (vals, idx), overflow
         return torch.full_like(scores, -math.inf).scatter_(1, idx, vals), overflow
+
+    @staticmethod
+    def _candidates_from_logits(ids: torch.Tensor, logits: torch.Tensor, cfg: DecodeConfig, eos_id: int,
+                                width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``width`` best processed fp32 scores, descending, and their token ids: the same values as processing
+        the whole vocabulary, found among the best raw logits in their own dtype (bf16 on CUDA: no fp32 copy of the
+        (rows, vocab) logits, half the bytes for top-k to select from). A repetition penalty of at least 1 and the
+        min-length rule only lower scores, one token per earlier id (and [SEP]), so the processed best ``width`` lie
+        among the raw best ``width`` plus that many; ids beyond the vocabulary match no candidate, as transformers
+        ignores them."""
+        lowered = ids.shape[1] if cfg.repetition_penalty != 1.0 else 0
+        short = cfg.min_length > 0 and ids.shape[1] < cfg.min_length
+        raw, idx = torch.topk(logits, min(width + lowered + short, logits.shape[-1]))
+        vals = raw.float()
+        if lowered:
+            pen = cfg.repetition_penalty
+            seen = (idx[:, :, None] == ids[:, None, :]).any(-1)
+            vals = torch.where(seen, torch.where(vals < 0, vals * pen, vals / pen), vals)
+        if short:
+            vals = vals.masked_fill(idx == eos_id, -math.inf)
+        if cfg.temperature != 1.0:
+            vals = vals / cfg.temperature
+        vals, order = torch.topk(vals, width)
+        return vals, idx.gather(1, order)
 
     @staticmethod
     def sample(scores, generator: torch.Generator | None) -> torch.Tensor:
@@ -552,7 +585,8 @@ class FastBlipDecoder:
             else:
                 scores, overflow[step] = self.sync_free_scores(ids[:, :cur], logits, cfg, self.eos_id,
                                                                candidates=candidates, inplace=not output_scores,
-                                                               ids_in_vocab=ids_in_vocab, margin=self.TIE_MARGIN)
+                                                               ids_in_vocab=ids_in_vocab, margin=self.TIE_MARGIN,
+                                                               from_logits=self.candidates_from_logits)
             if output_scores:
                 scores_out.append(scores)
             if teacher_tokens is not None:

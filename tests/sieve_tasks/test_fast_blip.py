@@ -357,6 +357,41 @@ def test_sync_free_scores_match_transformers_with_ties_and_flag_overflow():
     assert FastBlipDecoder.sync_free_scores(ids[:2], tied, DecodeConfig(top_k=10), eos, margin=20)[1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_candidates_from_logits_equal_the_best_of_the_processed_vocabulary(dtype):
+    """The sync-free sampler's candidates, found among the raw logits' best, have exactly the values (and tokens)
+    of the best processed fp32 scores over the whole vocabulary, also when the penalty and min-length push the raw
+    best out (earlier ids are each row's best raw tokens, [SEP] the best of all), with ids beyond the vocabulary."""
+    g = torch.Generator().manual_seed(3)
+    vocab, eos, compared = 200, 7, 0
+    for case in range(48):
+        logits = (torch.randn(5, vocab, generator=g) * (1 + case % 3)).to(dtype)
+        best = logits.float().topk(6).indices
+        ids = torch.cat([best[:, : 1 + case % 6], torch.randint(0, vocab + 3, (5, 2), generator=g)], 1)
+        if case % 4 == 0:
+            logits[:, eos] = logits.float().max() + 1
+        cfg = DecodeConfig(min_length=(0, 20)[case % 2], repetition_penalty=(1.1, 2.0, 1.0)[case % 3],
+                           temperature=(1.0, 0.7)[case % 4 // 2])
+        width = 1 + case % 8
+        full = FastBlipDecoder._penalized(ids, logits, cfg, eos, inplace=False, ids_in_vocab=False)
+        ref_vals, ref_idx = (full / cfg.temperature).topk(width + 1)  # one more: ties across the cut
+        vals, idx = FastBlipDecoder._candidates_from_logits(ids, logits, cfg, eos, width)
+        assert vals.dtype == torch.float32 and torch.equal(vals, ref_vals[:, :width]), case
+        untied = (ref_vals[:, 1:] != ref_vals[:, :-1]).all(1) & torch.isfinite(ref_vals).all(1)  # rows
+        assert torch.equal(idx[untied], ref_idx[untied, :width]), case
+        compared += int(untied.sum())
+    assert compared >= 120  # of 240 rows
+
+
+def test_sync_free_candidates_from_logits_sample_what_full_processing_samples(small):
+    model, prompt = small
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(8))
+    ours, full = (FastBlipDecoder(model, sync_free=True, candidates_from_logits=flag) for flag in (True, False))
+    for seed in range(3):
+        assert torch.equal(ours.generate(pixels, prompt, Settings(), seed=seed),
+                           full.generate(pixels, prompt, Settings(), seed=seed))
+
+
 def test_sync_free_overflow_redoes_steps_on_the_exact_path(small):
     """Groups of 4 tokens with identical head weights tie everywhere; with a margin of 3 candidates ties overflow
     now and then (here first at step 8), the loop goes back to the first overflowing step and finishes exactly:
@@ -415,7 +450,7 @@ def test_gpu_decoder_check_dry_runs_on_cpu(capsys):
     assert main(["--tiny", "--device", "cpu", "--batches", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "FAILED" not in out, out
-    assert out.count("img/s (best of 1") == 5  # the five variants
+    assert out.count("img/s (best of 1") == 6  # the six variants
     assert "with graphs vs fp32" in out and "total variation mean 0.0000" in out
 
 
