@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import sys
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from typing import Any
@@ -69,9 +71,9 @@ def run_all(input_spec: str, run: str, settings: Settings, progress: bool = True
             rules: HealthRules | None = None, text_process: bool | None = None) -> dict[str, Any]:
     """caption → embed → score over every shard, then aggregate and publish (with the health ``rules``); resumes
     where it stopped. Shards are pipelined: while the image pass (caption stage) of one shard keeps the
-    accelerator busy, the text side (embed, score) of the shard before it runs beside it — in a process of its
-    own when the models run on CUDA (``text_process=None``), so that the two sides do not share one GIL; in a
-    thread otherwise (a CPU has no idle accelerator to feed, and a process costs seconds to start)."""
+    accelerator busy, the text side (embed, score) of the shards before it runs beside it, in order — in a process
+    of its own when the models run on CUDA (``text_process=None``), so that the two sides do not share one GIL; in
+    a thread otherwise (a CPU has no idle accelerator to feed, and a process costs seconds to start)."""
     check_sources(settings)
     sys.setswitchinterval(SWITCH_INTERVAL)
     shards = select_shards(register_pool(input_spec, run), None)
@@ -81,14 +83,22 @@ def run_all(input_spec: str, run: str, settings: Settings, progress: bool = True
     executor = (ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) if text_process
                 else ThreadPoolExecutor(1, thread_name_prefix="text-side"))
     with executor as text_side, tqdm(total=len(shards), desc="shards", unit="shard", disable=not progress) as bar:
-        pending: Future | None = text_side.submit(text_side_of, run, settings, None, {})  # loads while captioning
-        for shard, _ in caption_shards(caption, shards):
-            if pending is not None:
-                pending.result()  # at most one shard waits for its text side: memory stays bounded
-            pending = text_side.submit(text_side_of, run, settings, shard, storage.options_snapshot())
-            pending.add_done_callback(lambda _: bar.update())
-        if pending is not None:
-            pending.result()
+        # the sentence encoder loads while the first shards are captioned; the caption stage never waits for the
+        # text side (its shards queue up: each is only a name, the text side reads the shard's captions from
+        # storage), and a text side that failed stops the run at the next captioned shard
+        texts = deque([text_side.submit(text_side_of, run, settings, None, {})])
+        try:
+            with contextlib.closing(caption_shards(caption, shards)) as captioned:
+                for shard, _ in captioned:
+                    texts.append(text_side.submit(text_side_of, run, settings, shard, storage.options_snapshot()))
+                    texts[-1].add_done_callback(lambda _: bar.update())
+                    while texts and texts[0].done():
+                        texts.popleft().result()
+        except BaseException:
+            text_side.shutdown(cancel_futures=True)  # queued shards keep their captions: a rerun resumes them
+            raise
+        for text in texts:
+            text.result()
     aggregate(run, settings)
     return publish(run, rules)
 

@@ -4,6 +4,7 @@ written while the next one is captioned."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -86,3 +87,81 @@ def test_caption_shards_raises_a_failed_write():
         for shard, _ in caption_shards(stage, _shards(3)):
             yielded.append(shard.shard_id)
     assert yielded == ["0"] and stage.events[-1] == "closed"
+
+
+
+def _stand_in_run(monkeypatch, text_side_of, count: int, between=lambda index: None
+                  ) -> tuple[list[str], threading.Event]:
+    """``run_all`` patched to run over ``count`` stand-in shards: its caption stage logs each shard it yields
+    (``between(i)`` runs before shard i) and sets the returned event when done; ``text_side_of`` replaces the text
+    side (in a thread); aggregate and publish log."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sieve_tasks import runner
+
+    events: list[str] = []
+    captioning_done = threading.Event()
+
+    def captioned(stage, shards):
+        for index, shard in enumerate(shards):
+            between(index)
+            events.append(f"captioned {shard.shard_id}")
+            yield shard, {}
+        captioning_done.set()
+
+    monkeypatch.setattr(runner, "check_sources", lambda settings: None)
+    monkeypatch.setattr(runner, "register_pool", lambda spec, run: _shards(count))
+    monkeypatch.setattr(runner, "CaptionStage", lambda run, settings: SimpleNamespace(torch_device=torch.device("cpu")))
+    monkeypatch.setattr(runner, "caption_shards", captioned)
+    monkeypatch.setattr(runner, "text_side_of", text_side_of)
+    monkeypatch.setattr(runner, "aggregate", lambda run, settings: events.append("aggregated"))
+    monkeypatch.setattr(runner, "publish", lambda run, rules: events.append("published") or {})
+    return events, captioning_done
+
+
+def test_captioning_goes_on_while_the_text_side_loads(monkeypatch):
+    """On CUDA the text side's process takes seconds to start and load its encoder: the caption stage must not wait
+    for it after the first shard (the device would idle). Here the load ends only once every shard is captioned."""
+    done: list[str] = []
+
+    def text_side_of(run, settings, shard, options):
+        if shard is None:
+            done.append("loaded" if captioning_done.wait(timeout=10) else "load timed out")
+        else:
+            done.append(f"text {shard.shard_id}")
+
+    events, captioning_done = _stand_in_run(monkeypatch, text_side_of, 4)
+    run_all("pool", "run", Settings(), progress=False, text_process=False)
+    assert done == ["loaded", "text 0", "text 1", "text 2", "text 3"]
+    assert events == [f"captioned {i}" for i in range(4)] + ["aggregated", "published"]
+
+
+def test_a_failed_text_side_stops_the_run_and_its_queued_shards(monkeypatch):
+    """Shard 0's text side fails once shards 1–6 are queued behind it: the run raises that error when shard 6 is
+    captioned, captions no more shards, and the queued text sides are cancelled (at most the one already started
+    runs)."""
+    queued, failed = threading.Event(), threading.Event()
+    started: list[str] = []
+
+    def text_side_of(run, settings, shard, options):
+        if shard is not None and shard.shard_id == "0":
+            assert queued.wait(timeout=10)
+            failed.set()
+            raise ValueError("embedding shard 0 failed")
+        if shard is not None:
+            started.append(shard.shard_id)
+            time.sleep(0.3)
+
+    def between(index):
+        if index == 6:
+            queued.set()
+            assert failed.wait(timeout=10)
+            time.sleep(0.05)  # the failure reaches its future
+
+    events, _ = _stand_in_run(monkeypatch, text_side_of, 40, between)
+    with pytest.raises(ValueError, match="embedding shard 0 failed"):
+        run_all("pool", "run", Settings(), progress=False, text_process=False)
+    assert events == [f"captioned {i}" for i in range(7)]
+    assert started in ([], ["1"])
