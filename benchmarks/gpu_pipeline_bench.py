@@ -35,6 +35,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -291,12 +292,41 @@ def markers(run: Path, output: str) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted((run / output / "_done").glob("*.json"))]
 
 
+@contextlib.contextmanager
+def caption_timeline() -> Iterator[dict[str, float]]:
+    """While inside: the times of the first BLIP launch (``first_launch``) and of the last shard the caption stage
+    handed on (``captioned``), to tell a run's fixed costs (imports, model loading, process starts, publishing)
+    from what its device pipeline sustains."""
+    from unittest import mock
+
+    from sieve_tasks import runner
+    from sieve_tasks.captioner import BlipCaptioner
+
+    times: dict[str, float] = {}
+    launch, caption_shards = BlipCaptioner.launch, runner.caption_shards
+
+    def timed_launch(captioner: BlipCaptioner, *args: Any, **kwargs: Any) -> Any:
+        times.setdefault("first_launch", time.perf_counter())
+        return launch(captioner, *args, **kwargs)
+
+    def timed_shards(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for captioned in caption_shards(*args, **kwargs):
+            times["captioned"] = time.perf_counter()
+            yield captioned
+
+    with mock.patch.object(BlipCaptioner, "launch", timed_launch), \
+            mock.patch.object(runner, "caption_shards", timed_shards):
+        yield times
+
+
 def run_pipeline(pool: Path, run: Path, model_args: list[str], monitor: GpuMonitor | None) -> dict[str, Any]:
-    """``sieve run`` end to end (the caption stage of one shard beside the text side of the one before), then what
-    each stage spent: its own seconds from its completion markers (the stages overlap, so they add up to more
-    than the wall time)."""
+    """``sieve run`` end to end (the caption stage beside the text side of the shards before), then what each stage
+    spent: its own seconds from its completion markers (the stages overlap, so they add up to more than the wall
+    time); and the run's phases: until the first BLIP launch, captioning, after captioning (the last shards' text
+    side, aggregate, publish)."""
     start = time.perf_counter()
-    run_cli(["run", str(pool), str(run), *model_args, "--score", "fused", "--no-progress"])
+    with caption_timeline() as times:
+        run_cli(["run", str(pool), str(run), *model_args, "--score", "fused", "--no-progress"])
     end = time.perf_counter()
     summary = json.loads((run / "manifest" / "summary.json").read_text())
     stages = {}
@@ -306,10 +336,18 @@ def run_pipeline(pool: Path, run: Path, model_args: list[str], monitor: GpuMonit
         stages[stage] = {"seconds": round(seconds, 2), "rows": rows, "rows_per_s": round(rows / seconds, 2)}
     rows, seconds = summary["counts"]["read"], summary["timings_seconds"]["aggregate"]
     stages["aggregate"] = {"seconds": seconds, "rows": rows, "rows_per_s": round(rows / seconds, 2)}
+    launched, captioned = times.get("first_launch", end), times.get("captioned", end)
+    phases = {"first_launch_after_s": round(launched - start, 2), "captioning_s": round(captioned - launched, 2),
+              "captioning_samples_per_s": round(rows / max(captioned - launched, 1e-9), 2),
+              "gpu_busy_captioning_pct": monitor.mean(launched, captioned) if monitor else None,
+              "after_captioning_s": round(end - captioned, 2)}
     log(f"sieve run: {rows} samples in {end - start:.1f}s = {rows / (end - start):.1f} samples/s, "
-        f"GPU busy {_pct(monitor.mean(start, end) if monitor else None, monitor)}")
+        f"GPU busy {_pct(monitor.mean(start, end) if monitor else None, monitor)}; first BLIP launch after "
+        f"{phases['first_launch_after_s']:.1f}s, captioning {phases['captioning_s']:.1f}s "
+        f"({phases['captioning_samples_per_s']:.1f} samples/s, GPU busy "
+        f"{_pct(phases['gpu_busy_captioning_pct'], monitor)}), then {phases['after_captioning_s']:.1f}s to the end")
     return {"seconds": round(end - start, 2), "samples": rows, "samples_per_s": round(rows / (end - start), 2),
-            "gpu_busy_pct": monitor.mean(start, end) if monitor else None, "stages": stages,
+            "gpu_busy_pct": monitor.mean(start, end) if monitor else None, "phases": phases, "stages": stages,
             "caption_batch_size": markers(run, "captions")[0]["caption_batch_size"],
             "gpu_decode_refused": sum(m["gpu_decode_refused"] for m in markers(run, "captions")),
             "health": summary["health"]["verdict"], "kept": summary["counts"]["kept"]}
@@ -319,24 +357,12 @@ def caption_alone(pool: Path, run: Path, model_args: list[str], monitor: GpuMoni
     """The caption task by itself (``sieve caption``, a fresh run): its rows/s and how busy it keeps the GPU, over
     the whole task and from its first BLIP launch on (the models' loading and warm-up left out: at the target rate
     8,192 samples are ~4 s of work, as long as the loading)."""
-    from unittest import mock
-
-    from sieve_tasks.captioner import BlipCaptioner
-
-    first_launch: list[float] = []
-    launch = BlipCaptioner.launch
-
-    def timed_launch(captioner: BlipCaptioner, *args: Any, **kwargs: Any) -> Any:
-        if not first_launch:
-            first_launch.append(time.perf_counter())
-        return launch(captioner, *args, **kwargs)
-
     start = time.perf_counter()
-    with mock.patch.object(BlipCaptioner, "launch", timed_launch):
+    with caption_timeline() as times:
         run_cli(["caption", str(pool), str(run), *model_args])
     end = time.perf_counter()
     rows = sum(m["rows"] for m in markers(run, "captions"))
-    launched = first_launch[0] if first_launch else end
+    launched = times.get("first_launch", end)
     result = {"seconds": round(end - start, 2), "rows": rows, "rows_per_s": round(rows / (end - start), 2),
               "gpu_busy_pct": monitor.mean(start, end) if monitor else None,
               "first_launch_after_s": round(launched - start, 2),
@@ -430,6 +456,10 @@ def print_summary(summary: dict[str, Any], monitor: GpuMonitor | None) -> None:
           f"{c['first_launch_after_s']:.1f} s in: {_pct(c['gpu_busy_from_first_launch_pct'], monitor)})")
     print(f"{'end to end':<12}{e2e['seconds']:>9.2f}{e2e['samples']:>8}{e2e['samples_per_s']:>11.2f}  "
           f"{_pct(e2e['gpu_busy_pct'], monitor)}  (samples/s)")
+    p = e2e["phases"]
+    print(f"  phases     {p['first_launch_after_s']:.2f} s to the first BLIP launch, captioning {p['captioning_s']:.2f} s "
+          f"= {p['captioning_samples_per_s']:.2f} samples/s (GPU busy {_pct(p['gpu_busy_captioning_pct'], monitor)}), "
+          f"{p['after_captioning_s']:.2f} s after it (last text side, aggregate, publish)")
     print(f"decoder alone  {dec['img_per_s']} img/s (batch {dec['batch']} x {dec['batches']} batches, "
           f"GPU busy {_pct(dec['gpu_busy_pct'], monitor)})")
     print(f"published      {summary['manifest']} (health {summary['health']}, kept {summary['kept']})", flush=True)
@@ -503,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         "build_seconds": build_seconds, "caption_batch_size": pipeline["caption_batch_size"],
         "gpu_decode_refused": pipeline["gpu_decode_refused"],
         "stages": pipeline.pop("stages"), "caption_task_alone": caption,
-        "end_to_end": {k: pipeline[k] for k in ("seconds", "samples", "samples_per_s", "gpu_busy_pct")},
+        "end_to_end": {k: pipeline[k] for k in ("seconds", "samples", "samples_per_s", "gpu_busy_pct", "phases")},
         "decoder_alone": decoder, "manifest": str(work / "run" / "manifest"),
         "health": pipeline["health"], "kept": pipeline["kept"],
     }
