@@ -200,8 +200,18 @@ def build_blip(directory: Path, minilm: str, tiny: bool) -> None:
 
 
 def build_clip(directory: Path, tiny: bool) -> None:
-    """open_clip ViT-B-32 (or a tiny CLIP) with random weights as a local dir for ``--clip DIR``."""
-    import open_clip
+    """open_clip ViT-B-32 (or a tiny CLIP) with random weights as a local dir for ``--clip DIR``. Leaves
+    ``TOKENIZERS_PARALLELISM`` as it was: open_clip's import turns the tokenizers library's threads off for the whole
+    process, and the text process ``sieve run`` spawns here later would inherit that (a real ``sieve run`` spawns it
+    before CLIP is imported), tokenising its shards on one thread."""
+    parallelism = os.environ.get("TOKENIZERS_PARALLELISM")
+    try:
+        import open_clip
+    finally:
+        if parallelism is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = parallelism
     import torch
     from safetensors.torch import save_file
 

@@ -65,3 +65,18 @@ def test_copy_minilm_config_copies_small_files_only(tmp_path):
     assert "1_Pooling/config.json" in copied and "vocab.txt" in copied and "modules.json" in copied
     assert not [name for name in copied if name.endswith((".safetensors", ".bin"))]
     assert sum((tmp_path / "minilm" / name).stat().st_size for name in copied) < 1_000_000
+
+
+def test_building_clip_leaves_the_tokenizers_threads_on(tmp_path):
+    """open_clip's import sets TOKENIZERS_PARALLELISM=false process-wide; the text process sieve run spawns later in
+    the benchmark's process must not inherit it (a real sieve run spawns it before CLIP is imported)."""
+    code = ("import os, sys; sys.path.insert(0, 'benchmarks'); import gpu_pipeline_bench as bench; "
+            f"bench.build_clip(__import__('pathlib').Path({str(tmp_path / 'clip')!r}), tiny=True); "
+            "import open_clip; print(os.environ.get('TOKENIZERS_PARALLELISM'))")
+    env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}
+    env["PYTHONPATH"] = str(REPO)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "None"
+    assert (tmp_path / "clip" / "open_clip_model.safetensors").exists()
