@@ -95,6 +95,11 @@ def _lin(x: torch.Tensor, lin: torch.nn.Module) -> torch.Tensor:
     return lin(x)  # sieve_tasks.int8.Int8Linear
 
 
+def _penalize(scores: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenalty on the scores of earlier tokens: negative ones times, others divided by it."""
+    return torch.where(scores < 0, scores * penalty, scores / penalty)
+
+
 class _StaticStep:
     """Static buffers of one decode shape and, when captured, a CUDA graph of ``_decode_step`` over them.
 
@@ -374,10 +379,10 @@ class FastBlipDecoder:
                 padded = F.pad(scores, (0, 1))
                 ids_c = ids.clamp(max=vocab)
                 g = padded.gather(1, ids_c)
-                scores = padded.scatter_(1, ids_c, torch.where(g < 0, g * pen, g / pen))[:, :vocab]
+                scores = padded.scatter_(1, ids_c, _penalize(g, pen))[:, :vocab]
             else:
                 g = scores.gather(1, ids)
-                scores.scatter_(1, ids, torch.where(g < 0, g * pen, g / pen))
+                scores.scatter_(1, ids, _penalize(g, pen))
         if cfg.min_length > 0 and ids.shape[1] < cfg.min_length:
             scores[:, eos_id] = -math.inf
         return scores
@@ -438,7 +443,7 @@ class FastBlipDecoder:
         if lowered:
             pen = cfg.repetition_penalty
             seen = (idx[:, :, None] == ids[:, None, :]).any(-1)
-            vals = torch.where(seen, torch.where(vals < 0, vals * pen, vals / pen), vals)
+            vals = torch.where(seen, _penalize(vals, pen), vals)
         if short:
             vals = vals.masked_fill(idx == eos_id, -math.inf)
         if cfg.temperature != 1.0:
