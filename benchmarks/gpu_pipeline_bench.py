@@ -339,9 +339,9 @@ def run_pipeline(pool: Path, run: Path, model_args: list[str], monitor: GpuMonit
         run_cli(["run", str(pool), str(run), *model_args, "--score", "fused", "--no-progress"])
     end = time.perf_counter()
     summary = json.loads((run / "manifest" / "summary.json").read_text())
-    stages = {}
+    stages, done_by_output = {}, {}
     for stage, output in (("caption", "captions"), ("embed", "embeddings"), ("score", "scores")):
-        done = markers(run, output)
+        done = done_by_output[output] = markers(run, output)
         seconds, rows = sum(m["seconds"] for m in done), sum(m["rows"] for m in done)
         stages[stage] = {"seconds": round(seconds, 2), "rows": rows, "rows_per_s": round(rows / seconds, 2)}
     rows, seconds = summary["counts"]["read"], summary["timings_seconds"]["aggregate"]
@@ -358,8 +358,8 @@ def run_pipeline(pool: Path, run: Path, model_args: list[str], monitor: GpuMonit
         f"{_pct(phases['gpu_busy_captioning_pct'], monitor)}), then {phases['after_captioning_s']:.1f}s to the end")
     return {"seconds": round(end - start, 2), "samples": rows, "samples_per_s": round(rows / (end - start), 2),
             "gpu_busy_pct": monitor.mean(start, end) if monitor else None, "phases": phases, "stages": stages,
-            "caption_batch_size": markers(run, "captions")[0]["caption_batch_size"],
-            "gpu_decode_refused": sum(m["gpu_decode_refused"] for m in markers(run, "captions")),
+            "caption_batch_size": done_by_output["captions"][0]["caption_batch_size"],
+            "gpu_decode_refused": sum(m["gpu_decode_refused"] for m in done_by_output["captions"]),
             "health": summary["health"]["verdict"], "kept": summary["counts"]["kept"]}
 
 
