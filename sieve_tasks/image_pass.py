@@ -158,10 +158,9 @@ def view_of(image: Image.Image, size: int) -> torch.Tensor:
     return F.pil_to_tensor(resized)
 
 
-def tensor_view(image: torch.Tensor, size: int) -> torch.Tensor:
-    """:func:`view_of` for a decoded uint8 ``(3, H, W)`` tensor on any device: torchvision's output size and crop
-    offsets, bicubic with antialiasing, rounded back to uint8 (a few kernels, little Python per image)."""
-    import torch
+def _unrounded_view(image: torch.Tensor, size: int) -> torch.Tensor:
+    """A decoded uint8 ``(3, H, W)`` tensor's view before rounding: float ``(3, size, size)``, torchvision's output
+    size and crop offsets, bicubic with antialiasing."""
     import torch.nn.functional as F
 
     height, width = image.shape[-2:]
@@ -172,7 +171,33 @@ def tensor_view(image: torch.Tensor, size: int) -> torch.Tensor:
     resized = F.interpolate(image[None].float(), size=(new_height, new_width), mode="bicubic", antialias=True,
                             align_corners=False)[0]
     top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
-    return resized[:, top : top + size, left : left + size].round_().clamp_(0, 255).to(torch.uint8)
+    return resized[:, top : top + size, left : left + size]
+
+
+def write_views(images: list[tuple[int, torch.Tensor]], out: torch.Tensor, rows_per_round: int = 64) -> None:
+    """:func:`view_of` for decoded uint8 ``(3, H, W)`` tensors on any device: ``out[slot]`` (uint8 ``(n, 3, S, S)``)
+    gets the view of each ``(slot, image)``, slots ascending; the same bytes as torchvision's tensor ``resize`` and
+    ``center_crop``. Views are staged in float, and rounded, clamped and cast for up to ``rows_per_round``
+    consecutive rows at once: three kernels per image instead of six (on CUDA each launch is host time under the
+    interpreter lock that feeds the GPU). Rows of a round without an image get garbage: write them after."""
+    import torch
+
+    if not images:
+        return
+    size = out.shape[-1]
+    staged = torch.empty((min(rows_per_round, len(out)), 3, size, size), device=out.device)
+    first = last = images[0][0]
+
+    def round_staged() -> None:
+        out[first : last + 1].copy_(staged[: last - first + 1].round_().clamp_(0, 255))
+
+    for slot, image in images:
+        if slot - first >= len(staged):
+            round_staged()
+            first = slot
+        staged[slot - first] = _unrounded_view(image, size)
+        last = slot
+    round_staged()
 
 
 class ImagePass:
@@ -355,6 +380,7 @@ class ImagePass:
                     decoded = list(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
                 except RuntimeError:
                     decoded = [self._decode_one(d) for d in data]
+            images = []
             for item, image in zip(jpegs, decoded):
                 if image is None or image.shape[0] != 3:
                     self.gpu_refused += 1
@@ -363,9 +389,10 @@ class ImagePass:
                     except SampleError as exc:
                         item.sample.reason = str(exc)
                     continue
-                for size in self.sizes:
-                    pixels[size][item.slot] = tensor_view(image, size)
-            for item in with_view:
+                images.append((item.slot, image))
+            for size in self.sizes:
+                write_views(images, pixels[size])
+            for item in with_view:  # after write_views: the rows it leaves to others
                 if item.views is not None:
                     for size, view in item.views.items():
                         pixels[size][item.slot] = view.to(self.device)

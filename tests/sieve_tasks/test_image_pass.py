@@ -217,6 +217,69 @@ def test_torchvision_jpeg_path_decodes_each_jpeg_once_and_falls_back_to_pil(samp
     assert batch.pixels[32].shape == (2, 3, 32, 32)
 
 
+def _torchvision_view(image: torch.Tensor, size: int) -> torch.Tensor:
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    return F.center_crop(F.resize(image, size, interpolation=InterpolationMode.BICUBIC, antialias=True), [size, size])
+
+
+def test_views_written_in_rounds_are_torchvisions_resize_and_crop():
+    """write_views stages views in float and rounds them a few rows at a time: the same bytes as torchvision's
+    tensor resize and centre crop of each image, over rounds that split anywhere and rows left for other images in
+    between."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(37, 53), (64, 64), (90, 31), (17, 200), (48, 48), (33, 34), (250, 19), (40, 41)]
+    images = [(slot, torch.randint(0, 256, (3, *shape), generator=generator, dtype=torch.uint8))
+              for slot, shape in zip((0, 1, 3, 4, 5, 8, 9, 11), shapes)]
+    for size in (16, 32):
+        expected = {slot: _torchvision_view(image, size) for slot, image in images}
+        for rows_per_round in (1, 2, 3, 64):
+            out = torch.full((12, 3, size, size), 7, dtype=torch.uint8)
+            image_pass.write_views(images, out, rows_per_round)
+            for slot, view in expected.items():
+                assert torch.equal(out[slot], view), (size, rows_per_round, slot)
+    out = torch.full((2, 3, 16, 16), 7, dtype=torch.uint8)
+    image_pass.write_views([], out)
+    assert bool((out == 7).all())
+
+
+def test_torchvision_path_keeps_pil_views_between_jpegs(tmp_path):
+    """A PNG between two JPEGs: the JPEGs' rows are written in one round, which leaves garbage in the PNG's row;
+    the PNG's view is written after it."""
+    import io
+    import tarfile
+
+    from PIL import Image
+    from torchvision.io import decode_image as torchvision_decode
+
+    from sieve_tasks.shards import Shard
+
+    rng = np.random.default_rng(0)
+    payloads = {}
+    for key, ext, shape in (("a", "jpg", (41, 57)), ("b", "png", (30, 44)), ("c", "jpg", (66, 35))):
+        encoded = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(encoded, "JPEG" if ext == "jpg" else "PNG")
+        payloads[key] = (ext, encoded.getvalue())
+    tar_path = tmp_path / "00000000.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for key, (ext, payload) in payloads.items():
+            for name, data in ((f"{key}.{ext}", payload), (f"{key}.txt", b"alt"),
+                               (f"{key}.json", json.dumps({"uid": f"{ord(key):032x}"}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    images = ImagePass((32,), 10**8, 4, 1, jpeg_decoder="torchvision")
+    batch = next(images.batches(Shard("00000000", str(tar_path)), lambda item: Need.PIXELS))
+    assert images.gpu_refused == 0 and [item.slot for item in batch.items] == [0, 1, 2]
+    for item, (key, (ext, payload)) in zip(batch.items, payloads.items()):
+        if ext == "png":
+            expected = image_pass.view_of(Image.open(io.BytesIO(payload)).convert("RGB"), 32)
+        else:
+            expected = _torchvision_view(torchvision_decode(torch.frombuffer(bytearray(payload), dtype=torch.uint8)), 32)
+        assert torch.equal(batch.pixels[32][item.slot], expected), key
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_nvjpeg_batches_on_cuda_match_pil(sample_pool, tmp_path):
     """On CUDA the JPEGs are decoded by nvJPEG on the producer's stream; the consumer sees them after the event."""
