@@ -1,4 +1,4 @@
-"""Live Airflow: api-server + scheduler + dag-processor on 127.0.0.1 (SQLite, LocalExecutor). Trigger
+"""Live Airflow: api-server + scheduler + dag-processor on 127.0.0.1 (PostgreSQL, LocalExecutor). Trigger
 sieve_curation through the REST API, wait for it, then read the plugin's pages over HTTP and in headless
 Chromium (Debian's package, driven by Playwright), logged in through Airflow's login form."""
 
@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 import pytest
 
+from scripts import distributed
 from tests.dags.airflow_env import DAGS, PLUGINS, VENV_BIN
 
 pytestmark = pytest.mark.slow
@@ -37,17 +38,29 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def live_airflow(tmp_path_factory):
-    """A fresh AIRFLOW_HOME and DB of its own; every process it starts is stopped afterwards."""
+    """A fresh AIRFLOW_HOME and database of its own; every process it starts is stopped afterwards.
+
+    PostgreSQL, as deployments have it: with SQLite, `airflow backfill create` beside a busy scheduler could lose
+    the database lock while creating its runs; Airflow then deletes the runs it had made, under the scheduler,
+    whose loop failed on them and left the retried backfill's runs queued (a flake of the backfill test)."""
+    home = tmp_path_factory.mktemp("live-airflow")
+    servers = distributed.Cluster(home)
+    try:
+        yield from _live_airflow(home, servers.start_postgres())
+    finally:
+        servers.stop()
+
+
+def _live_airflow(home: Path, database: str):
+    """The Airflow processes of :func:`live_airflow` over ``database`` (host:port of its PostgreSQL)."""
     import httpx
 
-    home = tmp_path_factory.mktemp("live-airflow")
     port = free_port()
     (home / "passwords.json").write_text(json.dumps({"admin": PASSWORD}))
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "sieve_airflow.sqlite.CONNECT_ARGS",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://airflow@{database}/airflow",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(DAGS), os.environ.get("PYTHONPATH")])),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS),
@@ -69,9 +82,9 @@ def live_airflow(tmp_path_factory):
         "SIEVE_TEST_AIRFLOW_HOME": str(home),
     }
     airflow = str(VENV_BIN / "airflow")
-    subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
     processes: list[tuple[subprocess.Popen, Path]] = []
     try:
+        subprocess.run([airflow, "db", "migrate"], env=env, check=True, capture_output=True)
         for command in (["api-server", "--port", str(port), "--host", "127.0.0.1"], ["scheduler"],
                         ["dag-processor"]):
             log = home / f"{command[0]}.log"
@@ -250,13 +263,9 @@ def test_backfill_create_of_two_days_one_empty(live_airflow, demo_pool, tmp_path
     assert api.get("/api/v2/dags/sieve_refilter").json()["is_paused"] is True
     assert api.patch("/api/v2/dags/sieve_refilter", json={"is_paused": False}).status_code == 200
     conf = {"crawl_base": str(crawl), "thresholds_from": str(reference), "profile": "test"}
-    for _ in range(3):  # SQLite: the CLI's write can lose the database lock to a busy scheduler (one transaction)
-        created = subprocess.run([str(VENV_BIN / "airflow"), "backfill", "create", "--dag-id", "sieve_refilter",
-                                  "--from-date", "2026-01-01", "--to-date", "2026-01-02", "--dag-run-conf",
-                                  json.dumps(conf)], env=live_airflow["env"], capture_output=True, text=True)
-        if created.returncode == 0 or "database is locked" not in created.stdout + created.stderr:
-            break
-        time.sleep(5)
+    created = subprocess.run([str(VENV_BIN / "airflow"), "backfill", "create", "--dag-id", "sieve_refilter",
+                              "--from-date", "2026-01-01", "--to-date", "2026-01-02", "--dag-run-conf",
+                              json.dumps(conf)], env=live_airflow["env"], capture_output=True, text=True)
     assert created.returncode == 0, created.stdout + created.stderr
 
     deadline = time.monotonic() + RUN_TIMEOUT_S
