@@ -9,7 +9,7 @@ import sys
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
@@ -20,15 +20,17 @@ from sieve_tasks.settings import Settings, fingerprint
 from sieve_tasks.shards import Shard
 from sieve_tasks.stages.aggregate import aggregate
 from sieve_tasks.stages.base import ShardStage
-from sieve_tasks.stages.caption import CaptionStage
 from sieve_tasks.stages.embed import EmbedStage
 from sieve_tasks.stages.publish import publish
 from sieve_tasks.stages.score import ScoreStage
 from sieve_tasks.tables import check_sources
 
+if TYPE_CHECKING:  # the caption stage imports torch (~2 s): a score task never needs it
+    from sieve_tasks.stages.caption import CaptionStage
+
 log = logging.getLogger(__name__)
 
-SHARD_STAGES: dict[str, type[ShardStage]] = {"caption": CaptionStage, "embed": EmbedStage, "score": ScoreStage}
+TEXT_STAGES: dict[str, type[ShardStage]] = {"embed": EmbedStage, "score": ScoreStage}
 
 
 # A thread waiting for the GIL gets it after at most this many seconds (Python's default: 5 ms). The thread that
@@ -41,11 +43,14 @@ def run_shard_stage(name: str, input_spec: str, run: str, settings: Settings, sh
                     progress: bool = False) -> list[dict[str, Any]]:
     """Run one per-shard stage over the named shards (all by default); returns their completion markers."""
     sys.setswitchinterval(SWITCH_INTERVAL)
-    shards = select_shards(register_pool(input_spec, run), shard_ids)
-    stage = SHARD_STAGES[name](run, settings)
-    if not isinstance(stage, CaptionStage):
-        return [stage.run_shard(shard) for shard in tqdm(shards, desc=name, unit="shard", disable=not progress)]
-    return [marker for _, marker in caption_shards(stage, tqdm(shards, desc=name, unit="shard", disable=not progress))]
+    shards = tqdm(select_shards(register_pool(input_spec, run), shard_ids), desc=name, unit="shard",
+                  disable=not progress)
+    if name == "caption":
+        from sieve_tasks.stages.caption import CaptionStage
+
+        return [marker for _, marker in caption_shards(CaptionStage(run, settings), shards)]
+    stage = TEXT_STAGES[name](run, settings)
+    return [stage.run_shard(shard) for shard in shards]
 
 
 def caption_shards(stage: CaptionStage, shards: Iterable[Shard]) -> Iterator[tuple[Shard, dict[str, Any]]]:
@@ -74,6 +79,8 @@ def run_all(input_spec: str, run: str, settings: Settings, progress: bool = True
     accelerator busy, the text side (embed, score) of the shards before it runs beside it, in order — in a process
     of its own when the models run on CUDA (``text_process=None``), so that the two sides do not share one GIL; in
     a thread otherwise (a CPU has no idle accelerator to feed, and a process costs seconds to start)."""
+    from sieve_tasks.stages.caption import CaptionStage
+
     check_sources(settings)
     sys.setswitchinterval(SWITCH_INTERVAL)
     shards = select_shards(register_pool(input_spec, run), None)

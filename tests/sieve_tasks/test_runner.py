@@ -100,6 +100,7 @@ def _stand_in_run(monkeypatch, text_side_of, count: int, between=lambda index: N
     import torch
 
     from sieve_tasks import runner
+    from sieve_tasks.stages import caption
 
     events: list[str] = []
     captioning_done = threading.Event()
@@ -113,7 +114,7 @@ def _stand_in_run(monkeypatch, text_side_of, count: int, between=lambda index: N
 
     monkeypatch.setattr(runner, "check_sources", lambda settings: None)
     monkeypatch.setattr(runner, "register_pool", lambda spec, run: _shards(count))
-    monkeypatch.setattr(runner, "CaptionStage", lambda run, settings: SimpleNamespace(torch_device=torch.device("cpu")))
+    monkeypatch.setattr(caption, "CaptionStage", lambda run, settings: SimpleNamespace(torch_device=torch.device("cpu")))
     monkeypatch.setattr(runner, "caption_shards", captioned)
     monkeypatch.setattr(runner, "text_side_of", text_side_of)
     monkeypatch.setattr(runner, "aggregate", lambda run, settings: events.append("aggregated"))
@@ -165,3 +166,21 @@ def test_a_failed_text_side_stops_the_run_and_its_queued_shards(monkeypatch):
         run_all("pool", "run", Settings(), progress=False, text_process=False)
     assert events == [f"captioned {i}" for i in range(7)]
     assert started in ([], ["1"])
+
+
+def test_a_score_task_does_not_import_torch(sample_pool, test_profile_run, tmp_path):
+    """Score tasks (Airflow workers without an accelerator) import the runner; the caption stage, and with it
+    torch (~2 s), loads only where shards are captioned. The scores are the run's own."""
+    import shutil
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    shutil.copytree(test_profile_run, run, ignore=shutil.ignore_patterns("scores", "manifest"))
+    code = ("import sys; from sieve_tasks.runner import run_shard_stage; from sieve_tasks.settings import Settings; "
+            f"markers = run_shard_stage('score', {sample_pool!r}, {str(run)!r}, Settings(profile='test')); "
+            "assert not any(m['skipped'] for m in markers), markers; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    ours = pq.read_table(f"{run}/scores").sort_by("position").to_pylist()
+    assert ours == pq.read_table(f"{test_profile_run}/scores").sort_by("position").to_pylist()
