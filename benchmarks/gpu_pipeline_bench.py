@@ -383,6 +383,26 @@ def caption_alone(pool: Path, run: Path, model_args: list[str], monitor: GpuMoni
     return result
 
 
+# what the caption process of a `sieve run` imports before its first BLIP launch (CLIP on)
+CAPTION_PROCESS_IMPORTS = ("sieve_tasks.cli", "sieve_tasks.runner", "sieve_tasks.stages.caption", "sieve_tasks.captioner",
+                           "sieve_tasks.encoders", "transformers.models.blip", "open_clip")
+
+
+def cold_imports() -> float:
+    """Seconds a fresh process takes to import :data:`CAPTION_PROCESS_IMPORTS` (the second of two tries: files in
+    the page cache). This process imported them while building the models, so the end-to-end time of
+    :func:`run_pipeline` leaves them out; a `sieve run` started from a shell, or a caption pod, pays them first."""
+    code = (f"import importlib, time; t = time.perf_counter(); "
+            f"[importlib.import_module(m) for m in {CAPTION_PROCESS_IMPORTS!r}]; print(time.perf_counter() - t)")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    seconds = round(float(done.stdout.strip().splitlines()[-1]), 2)
+    log(f"imports of a caption process, fresh: {seconds} s")
+    return seconds
+
+
 def decoder_alone(blip: Path, device: str, dtype: str, batch: int, batches: int,
                   monitor: GpuMonitor | None) -> dict[str, Any]:
     """images/s of ``FastBlipDecoder.generate`` on random 224 px pixels with SIEVE's settings, after one warm-up."""
@@ -470,6 +490,8 @@ def print_summary(summary: dict[str, Any], monitor: GpuMonitor | None) -> None:
     print(f"  phases     {p['first_launch_after_s']:.2f} s to the first BLIP launch, captioning {p['captioning_s']:.2f} s "
           f"= {p['captioning_samples_per_s']:.2f} samples/s (GPU busy {_pct(p['gpu_busy_captioning_pct'], monitor)}), "
           f"{p['after_captioning_s']:.2f} s after it (last text side, aggregate, publish)")
+    print(f"  imports    {summary['cold_imports_s']:.2f} s in a fresh process before its first launch (a `sieve run` "
+          "from a shell pays them; the end to end above, run in this process, does not)")
     print(f"decoder alone  {dec['img_per_s']} img/s (batch {dec['batch']} x {dec['batches']} batches, "
           f"GPU busy {_pct(dec['gpu_busy_pct'], monitor)})")
     print(f"published      {summary['manifest']} (health {summary['health']}, kept {summary['kept']})", flush=True)
@@ -533,6 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         caption = caption_alone(work / "pool", work / "caption-only", model_args, monitor)
         decoder = decoder_alone(models["captioner"], device, dtype, pipeline["caption_batch_size"],
                                 args.decoder_batches or (1 if args.tiny else 3), monitor)
+        imports = cold_imports()
     finally:
         if monitor:
             monitor.stop()
@@ -544,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu_decode_refused": pipeline["gpu_decode_refused"],
         "stages": pipeline.pop("stages"), "caption_task_alone": caption,
         "end_to_end": {k: pipeline[k] for k in ("seconds", "samples", "samples_per_s", "gpu_busy_pct", "phases")},
+        "cold_imports_s": imports,
         "decoder_alone": decoder, "manifest": str(work / "run" / "manifest"),
         "health": pipeline["health"], "kept": pipeline["kept"],
     }

@@ -46,6 +46,7 @@ def test_tiny_dry_run_reports_every_figure(tmp_path):
     assert 0 < phases["first_launch_after_s"] and 0 < phases["captioning_s"] and 0 < phases["after_captioning_s"]
     assert phases["first_launch_after_s"] + phases["captioning_s"] + phases["after_captioning_s"] <= e2e["seconds"] + 0.05
     assert phases["captioning_samples_per_s"] > e2e["samples_per_s"] and phases["gpu_busy_captioning_pct"] is None
+    assert summary["cold_imports_s"] > 0
     decoder = summary["decoder_alone"]
     assert decoder["batch"] == 8 and decoder["batches"] == 1 and decoder["img_per_s"] > 0
     assert decoder["gpu_busy_pct"] is None
