@@ -27,7 +27,7 @@ echo "== the caption process's host CPU per sample with free models (as on CPU /
 timeout "${HOST_SECONDS:-60}" python3 benchmarks/host_cost_bench.py --repeats 2 2>&1 | grep -v "Loading weights" \
   | tee "$OUT/host_cost.log"
 
-echo "== decoder alone: per-step syncs / sync-free / CUDA graphs / SDPA (with and without cuDNN) at 256, 1024; TV"
+echo "== decoder alone: per-step syncs / sync-free / CUDA graphs / SDPA (with, without cuDNN, the faster kept) at 256, 1024; TV"
 timeout "${DECODER_SECONDS:-120}" python3 benchmarks/gpu_decoder_check.py 2>&1 | tee "$OUT/decoder.log"
 
 echo "== end to end: sieve run over ${SAMPLES:-8192} photos, the caption task alone, decoder alone"

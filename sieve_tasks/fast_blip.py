@@ -14,7 +14,9 @@ distribution with the same logits processing as transformers (checked against tr
 * top-k/top-p work on the top-k candidates instead of sorting the vocabulary, in fp32 like transformers; on the
   sync-free path the candidates are picked from the raw logits in their dtype, processed scores only for them;
 * on CUDA the decode loop makes no host syncs per step (``sync_free``) and each step's forward is a CUDA graph
-  replayed over static buffers (``cuda_graphs``); a failure of the graph path falls back to eager with a warning.
+  replayed over static buffers (``cuda_graphs``); a failure of the graph path falls back to eager with a warning;
+* each shape's graph is captured once per choice of SDPA kernels (``ATTENTION_CHOICES``: torch's own, which is
+  cuDNN's fused kernel on Hopper, and the same without cuDNN) and the one whose replay is fastest is kept.
 
 Sampling draws from the same distribution as transformers. By default it samples among the top-k candidates only
 (cheap); ``hf_rng=True`` calls ``torch.multinomial`` on the full-vocabulary probabilities exactly like transformers,
@@ -32,6 +34,7 @@ decoding stops when every row has finished.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections import OrderedDict
@@ -40,10 +43,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
 
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever do_sample=True and top_k is unset
+# SDPA kernels a decode step may use: None = torch's choice. cuDNN's fused kernel, torch's choice on an H100, took
+# 29 % of a batch-512 decode there for a 19-position self-attention (BENCHMARKS.md §10): which is fastest depends
+# on the card and the shape, so each captured shape is timed with each choice.
+ATTENTION_CHOICES: dict[str, list[SDPBackend] | None] = {
+    "sdpa": None,
+    "sdpa without cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+}
 
 
 @dataclass(frozen=True)
@@ -126,29 +137,61 @@ class _StaticStep:
                     if isinstance(head, torch.nn.Linear) else None)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.attention: str | None = None  # the kept graph's ATTENTION_CHOICES entry
+        self.replay_ms: dict[str, float] = {}  # per choice: one replay, mean of REPLAYS (when there was a choice)
         if capture:
-            self._capture(dec)
+            self._capture_fastest(dec)
+
+    REPLAYS = 3
 
     def _eager(self, dec: FastBlipDecoder) -> torch.Tensor:
         return dec._decode_step(self.tok, self.pos, self.cross, self.cache_k, self.cache_v, self.bias, self.out)
 
-    def _capture(self, dec: FastBlipDecoder) -> None:
-        """Warm up on a side stream, then capture (the recipe of ``torch.cuda.graphs``' documentation).
+    def _capture_fastest(self, dec: FastBlipDecoder) -> None:
+        """Capture the step with each of the decoder's attention choices and keep the graph that replays fastest
+        (replays before :meth:`load` only write the cache that ``load`` clears)."""
+        for name, backends in dec.attention_choices.items():
+            graph, logits = self._capture(dec, backends)
+            if len(dec.attention_choices) > 1:
+                self.replay_ms[name] = self._replay_ms(graph, dec.device)
+                if self.graph is not None and self.replay_ms[name] >= self.replay_ms[self.attention]:
+                    continue
+            self.graph, self.logits, self.attention = graph, logits, name
+        if self.replay_ms:
+            log.info("decode step %s: kept %s (replay ms: %s)", tuple(self.cache_k.shape), self.attention,
+                     {name: round(ms, 3) for name, ms in self.replay_ms.items()})
+
+    def _capture(self, dec: FastBlipDecoder, backends: list[SDPBackend] | None
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream, then capture (the recipe of ``torch.cuda.graphs``' documentation), with SDPA
+        limited to ``backends`` (None: torch's choice).
 
         ``thread_local``: the image pass's producer thread keeps decoding (nvJPEG, allocations) on its own stream
         while a shape is captured here; torch's default mode, ``global``, makes such calls from any other thread an
         error, which would cost the producer its GPU decode and this decoder its graphs.
         """
-        side = torch.cuda.Stream(device=dec.device)
-        side.wait_stream(torch.cuda.current_stream(dec.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._eager(dec)
-        torch.cuda.current_stream(dec.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            self.logits = self._eager(dec)
-        self.graph = graph
+        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            side = torch.cuda.Stream(device=dec.device)
+            side.wait_stream(torch.cuda.current_stream(dec.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._eager(dec)
+            torch.cuda.current_stream(dec.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                logits = self._eager(dec)
+        return graph, logits
+
+    def _replay_ms(self, graph: torch.cuda.CUDAGraph, device: torch.device) -> float:
+        """Milliseconds of one replay on the device (CUDA events; one replay first to warm up)."""
+        graph.replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(torch.cuda.current_stream(device))
+        for _ in range(self.REPLAYS):
+            graph.replay()
+        end.record(torch.cuda.current_stream(device))
+        end.synchronize()
+        return start.elapsed_time(end) / self.REPLAYS
 
     def load(self, cross: list[tuple[torch.Tensor, torch.Tensor]], plen: int) -> None:
         """Start a batch: this batch's cross-attention K/V, an empty cache, positions below ``plen`` visible."""
@@ -178,6 +221,8 @@ class FastBlipDecoder:
     whether every caption has ended is checked every ``CHECK_EVERY`` steps and the output trimmed to what the
     step-by-step loop returns; ``candidates_from_logits`` (default on): its sampling candidates are found among the
     raw logits' best (``sync_free_scores``' ``from_logits``), off to time processing the whole vocabulary instead.
+    ``attention``: the names of :data:`ATTENTION_CHOICES` each captured shape is timed with (default all; one name
+    fixes the kernels, e.g. to compare them).
     """
 
     GRAPH_CACHE = 3
@@ -186,7 +231,7 @@ class FastBlipDecoder:
 
     def __init__(self, model: torch.nn.Module, *, compile: bool = False, sdpa_vision: bool = True,
                  cuda_graphs: bool | None = None, sync_free: bool | None = None, sdpa_text: bool | None = None,
-                 candidates_from_logits: bool = True):
+                 candidates_from_logits: bool = True, attention: tuple[str, ...] = tuple(ATTENTION_CHOICES)):
         self.model = model
         text = model.text_decoder
         cfg = text.config
@@ -215,6 +260,11 @@ class FastBlipDecoder:
         # GEMMs and GEMVs); on CPU the plain matmuls are an order of magnitude faster than its kernels
         self.sdpa_text = on_cuda if sdpa_text is None else sdpa_text
         self.candidates_from_logits = candidates_from_logits  # see sync_free_scores' from_logits
+        if not attention or set(attention) - set(ATTENTION_CHOICES):
+            raise ValueError(f"attention must name some of {list(ATTENTION_CHOICES)}, not {attention!r}")
+        # without SDPA in the step (plain matmuls) there is nothing to choose
+        self.attention_choices = {name: ATTENTION_CHOICES[name] for name in (attention if self.sdpa_text else
+                                                                             attention[:1])}
         self._graphs: OrderedDict[tuple[int, int, int, int], _StaticStep] = OrderedDict()
 
     # ------------------------------------------------------------------ model pieces

@@ -16,7 +16,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from sieve_tasks.fast_blip import DecodeConfig, FastBlipDecoder, auto_caption_batch_size
+from sieve_tasks.fast_blip import ATTENTION_CHOICES, DecodeConfig, FastBlipDecoder, auto_caption_batch_size
 from sieve_tasks.settings import Settings
 from sieve_tasks.test_models import TINY_BLIP, tiny_model_dir
 
@@ -211,6 +211,41 @@ def test_cuda_bf16_greedy_mostly_agrees_with_transformers(tiny):
     assert sampled.shape[0] == 32
 
 
+def test_each_captured_shape_keeps_the_attention_choice_that_replays_fastest(tiny, monkeypatch):
+    """Capture and timing need CUDA; here they are stood in for, to check what is kept: the fastest choice's graph
+    and logits, every choice timed once; one choice, or plain-matmul attention, is captured without timing."""
+    from sieve_tasks import fast_blip
+
+    captured, timed, replay = [], [], {}
+
+    def capture(step, dec, backends):
+        captured.append(backends)
+        return f"graph {len(captured)}", torch.full((1,), float(len(captured)))
+
+    def replay_ms(step, graph, device):
+        timed.append(graph)
+        return replay[graph]
+
+    monkeypatch.setattr(fast_blip._StaticStep, "_capture", capture)
+    monkeypatch.setattr(fast_blip._StaticStep, "_replay_ms", replay_ms)
+    for names in (tuple(fast_blip.ATTENTION_CHOICES), tuple(reversed(fast_blip.ATTENTION_CHOICES))):
+        for first_ms, second_ms, kept in ((2.5, 1.5, 1), (1.0, 1.5, 0), (1.5, 1.5, 0)):
+            captured.clear(), timed.clear()
+            replay.update({"graph 1": first_ms, "graph 2": second_ms})
+            dec = FastBlipDecoder(tiny[0], sdpa_text=True, attention=names)
+            step = fast_blip._StaticStep(dec, rows=8, images=1, tmax=6, image_tokens=5, capture=True)
+            assert captured == [fast_blip.ATTENTION_CHOICES[name] for name in names]
+            assert timed == ["graph 1", "graph 2"] and step.replay_ms == {names[0]: first_ms, names[1]: second_ms}
+            assert step.graph == f"graph {kept + 1}" and float(step.logits[0]) == kept + 1
+            assert step.attention == names[kept]
+    for flags in (dict(sdpa_text=True, attention=("sdpa without cudnn",)), dict(sdpa_text=False)):
+        captured.clear(), timed.clear()
+        step = fast_blip._StaticStep(FastBlipDecoder(tiny[0], **flags), 8, 1, 6, 5, capture=True)
+        assert len(captured) == 1 and timed == [] and step.graph == "graph 1" and step.replay_ms == {}
+    with pytest.raises(ValueError, match="attention must name"):
+        FastBlipDecoder(tiny[0], attention=("flash",))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replay_equals_eager(small):
     """Capture and replay, the part the CPU tests cannot run: same kernels, so fp32 tokens and scores are equal."""
@@ -224,7 +259,8 @@ def test_cuda_graph_replay_equals_eager(small):
     for _ in range(2):  # capture, then replay of the cached graph
         ours, scores = fast.generate(pixels, small[1], Settings(), seed=3, hf_rng=True, output_scores=True)
         assert fast.cuda_graphs and all(step.graph is not None for step in fast._graphs.values())
-        assert torch.equal(ours, eager)
+        assert all(step.replay_ms.keys() == ATTENTION_CHOICES.keys() for step in fast._graphs.values())
+        assert torch.equal(ours, eager)  # fp32: cuDNN and flash attention do not apply, same kernels either way
         for a, b in zip(scores, eager_scores):
             _assert_scores_equal(a, b, atol=1e-5)
 
@@ -450,7 +486,7 @@ def test_gpu_decoder_check_dry_runs_on_cpu(capsys):
     assert main(["--tiny", "--device", "cpu", "--batches", "2", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "FAILED" not in out, out
-    assert out.count("img/s (best of 1") == 6  # the six variants
+    assert out.count("img/s (best of 1") == 7  # the seven variants
     assert "with graphs vs fp32" in out and "total variation mean 0.0000" in out
 
 
