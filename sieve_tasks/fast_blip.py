@@ -149,14 +149,26 @@ class _StaticStep:
 
     def _capture_fastest(self, dec: FastBlipDecoder) -> None:
         """Capture the step with each of the decoder's attention choices and keep the graph that replays fastest
-        (replays before :meth:`load` only write the cache that ``load`` clears)."""
+        (replays before :meth:`load` only write the cache that ``load`` clears). A choice that fails to capture (out
+        of memory aside) is skipped with a warning while another one captures; if none does, the last failure is
+        raised."""
+        failure: Exception | None = None
         for name, backends in dec.attention_choices.items():
-            graph, logits = self._capture(dec, backends)
+            try:
+                graph, logits = self._capture(dec, backends)
+            except torch.cuda.OutOfMemoryError:
+                raise  # the caller halves the batch
+            except Exception as exc:  # noqa: BLE001 -- another choice may capture; if none does, it is raised
+                log.warning("capturing the decode step with %s failed: %s", name, exc)
+                failure = exc
+                continue
             if len(dec.attention_choices) > 1:
                 self.replay_ms[name] = self._replay_ms(graph, dec.device)
                 if self.graph is not None and self.replay_ms[name] >= self.replay_ms[self.attention]:
                     continue
             self.graph, self.logits, self.attention = graph, logits, name
+        if self.graph is None:
+            raise failure
         if self.replay_ms:
             log.info("decode step %s: kept %s (replay ms: %s)", tuple(self.cache_k.shape), self.attention,
                      {name: round(ms, 3) for name, ms in self.replay_ms.items()})

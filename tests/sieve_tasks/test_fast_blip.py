@@ -245,6 +245,19 @@ def test_each_captured_shape_keeps_the_attention_choice_that_replays_fastest(tin
     with pytest.raises(ValueError, match="attention must name"):
         FastBlipDecoder(tiny[0], attention=("flash",))
 
+    def capture_without_cudnn_only(step, dec, backends):  # a choice that cannot capture is skipped
+        if backends is None:
+            raise RuntimeError("capture failed")
+        return capture(step, dec, backends)
+
+    monkeypatch.setattr(fast_blip._StaticStep, "_capture", capture_without_cudnn_only)
+    captured.clear(), timed.clear()
+    step = fast_blip._StaticStep(FastBlipDecoder(tiny[0], sdpa_text=True), 8, 1, 6, 5, capture=True)
+    assert step.attention == "sdpa without cudnn" and step.graph == "graph 1" and step.replay_ms.keys() == {
+        "sdpa without cudnn"}
+    with pytest.raises(RuntimeError, match="capture failed"):  # none captures: generate decodes eagerly
+        fast_blip._StaticStep(FastBlipDecoder(tiny[0], sdpa_text=True, attention=("sdpa",)), 8, 1, 6, 5, capture=True)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replay_equals_eager(small):
