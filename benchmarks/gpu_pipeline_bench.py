@@ -384,20 +384,26 @@ def caption_alone(pool: Path, run: Path, model_args: list[str], monitor: GpuMoni
 
 
 # what the caption process of a `sieve run` imports before its first BLIP launch (CLIP on)
+# (transformers' model modules are lazy: the BLIP classes load with modeling_blip)
 CAPTION_PROCESS_IMPORTS = ("sieve_tasks.cli", "sieve_tasks.runner", "sieve_tasks.stages.caption", "sieve_tasks.captioner",
-                           "sieve_tasks.encoders", "transformers.models.blip", "open_clip")
+                           "sieve_tasks.encoders", "transformers.models.blip.modeling_blip",
+                           "transformers.models.auto.tokenization_auto", "open_clip")
 
 
-def cold_imports() -> float:
+def cold_imports() -> float | None:
     """Seconds a fresh process takes to import :data:`CAPTION_PROCESS_IMPORTS` (the second of two tries: files in
-    the page cache). This process imported them while building the models, so the end-to-end time of
-    :func:`run_pipeline` leaves them out; a `sieve run` started from a shell, or a caption pod, pays them first."""
+    the page cache), None (with its error printed) if it fails. This process imported them while building the
+    models, so the end-to-end time of :func:`run_pipeline` leaves them out; a `sieve run` started from a shell, or a
+    caption pod, pays them first."""
     code = (f"import importlib, time; t = time.perf_counter(); "
             f"[importlib.import_module(m) for m in {CAPTION_PROCESS_IMPORTS!r}]; print(time.perf_counter() - t)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                       os.environ.get("PYTHONPATH")]))}
     for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        if done.returncode:
+            log(f"imports of a caption process failed:\n{done.stderr[-2000:]}")
+            return None
     seconds = round(float(done.stdout.strip().splitlines()[-1]), 2)
     log(f"imports of a caption process, fresh: {seconds} s")
     return seconds
@@ -490,8 +496,9 @@ def print_summary(summary: dict[str, Any], monitor: GpuMonitor | None) -> None:
     print(f"  phases     {p['first_launch_after_s']:.2f} s to the first BLIP launch, captioning {p['captioning_s']:.2f} s "
           f"= {p['captioning_samples_per_s']:.2f} samples/s (GPU busy {_pct(p['gpu_busy_captioning_pct'], monitor)}), "
           f"{p['after_captioning_s']:.2f} s after it (last text side, aggregate, publish)")
-    print(f"  imports    {summary['cold_imports_s']:.2f} s in a fresh process before its first launch (a `sieve run` "
-          "from a shell pays them; the end to end above, run in this process, does not)")
+    imports = summary["cold_imports_s"]
+    print(f"  imports    {'failed' if imports is None else f'{imports:.2f} s'} in a fresh process before its first "
+          "launch (a `sieve run` from a shell pays them; the end to end above, run in this process, does not)")
     print(f"decoder alone  {dec['img_per_s']} img/s (batch {dec['batch']} x {dec['batches']} batches, "
           f"GPU busy {_pct(dec['gpu_busy_pct'], monitor)})")
     print(f"published      {summary['manifest']} (health {summary['health']}, kept {summary['kept']})", flush=True)

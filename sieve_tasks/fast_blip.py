@@ -34,7 +34,6 @@ decoding stops when every row has finished.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections import OrderedDict
@@ -48,11 +47,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 log = logging.getLogger(__name__)
 
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever do_sample=True and top_k is unset
-# SDPA kernels a decode step may use: None = torch's choice. cuDNN's fused kernel, torch's choice on an H100, took
+# SDPA kernels a decode step may use, each list explicit (the process-wide flags may have been narrowed, e.g. by the
+# sentence encoder's own choice in a thread beside it); torch picks among them in its order. cuDNN's fused kernel, torch's choice on an H100, took
 # 29 % of a batch-512 decode there for a 19-position self-attention (BENCHMARKS.md §10): which is fastest depends
 # on the card and the shape, so each captured shape is timed with each choice.
-ATTENTION_CHOICES: dict[str, list[SDPBackend] | None] = {
-    "sdpa": None,
+ATTENTION_CHOICES: dict[str, list[SDPBackend]] = {
+    "sdpa": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "sdpa without cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
 }
 
@@ -149,15 +149,18 @@ class _StaticStep:
 
     def _capture_fastest(self, dec: FastBlipDecoder) -> None:
         """Capture the step with each of the decoder's attention choices and keep the graph that replays fastest
-        (replays before :meth:`load` only write the cache that ``load`` clears). A choice that fails to capture (out
-        of memory aside) is skipped with a warning while another one captures; if none does, the last failure is
-        raised."""
+        (replays before :meth:`load` only write the cache that ``load`` clears). A choice that fails to capture is
+        skipped with a warning while another one captures; if none does, the last failure is raised (out of memory
+        with no graph yet: at once, and the caller halves the batch)."""
         failure: Exception | None = None
         for name, backends in dec.attention_choices.items():
             try:
                 graph, logits = self._capture(dec, backends)
             except torch.cuda.OutOfMemoryError:
-                raise  # the caller halves the batch
+                if self.graph is None:
+                    raise  # the caller halves the batch
+                log.warning("capturing the decode step with %s ran out of memory; keeping %s", name, self.attention)
+                break  # a second graph's memory is what did not fit
             except Exception as exc:  # noqa: BLE001 -- another choice may capture; if none does, it is raised
                 log.warning("capturing the decode step with %s failed: %s", name, exc)
                 failure = exc
@@ -173,16 +176,15 @@ class _StaticStep:
             log.info("decode step %s: kept %s (replay ms: %s)", tuple(self.cache_k.shape), self.attention,
                      {name: round(ms, 3) for name, ms in self.replay_ms.items()})
 
-    def _capture(self, dec: FastBlipDecoder, backends: list[SDPBackend] | None
-                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, dec: FastBlipDecoder, backends: list[SDPBackend]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream, then capture (the recipe of ``torch.cuda.graphs``' documentation), with SDPA
-        limited to ``backends`` (None: torch's choice).
+        limited to ``backends``.
 
         ``thread_local``: the image pass's producer thread keeps decoding (nvJPEG, allocations) on its own stream
         while a shape is captured here; torch's default mode, ``global``, makes such calls from any other thread an
         error, which would cost the producer its GPU decode and this decoder its graphs.
         """
-        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+        with sdpa_kernel(backends):
             side = torch.cuda.Stream(device=dec.device)
             side.wait_stream(torch.cuda.current_stream(dec.device))
             with torch.cuda.stream(side):

@@ -58,7 +58,7 @@ def _live_airflow(home: Path, database: str):
     port = free_port()
     (home / "passwords.json").write_text(json.dumps({"admin": PASSWORD}))
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")},  # e.g. a sourced scripts/airflow-env
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"postgresql+psycopg2://airflow@{database}/airflow",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(DAGS), os.environ.get("PYTHONPATH")])),

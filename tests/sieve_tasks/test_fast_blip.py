@@ -214,6 +214,8 @@ def test_cuda_bf16_greedy_mostly_agrees_with_transformers(tiny):
 def test_each_captured_shape_keeps_the_attention_choice_that_replays_fastest(tiny, monkeypatch):
     """Capture and timing need CUDA; here they are stood in for, to check what is kept: the fastest choice's graph
     and logits, every choice timed once; one choice, or plain-matmul attention, is captured without timing."""
+    from torch.nn.attention import SDPBackend
+
     from sieve_tasks import fast_blip
 
     captured, timed, replay = [], [], {}
@@ -246,7 +248,7 @@ def test_each_captured_shape_keeps_the_attention_choice_that_replays_fastest(tin
         FastBlipDecoder(tiny[0], attention=("flash",))
 
     def capture_without_cudnn_only(step, dec, backends):  # a choice that cannot capture is skipped
-        if backends is None:
+        if SDPBackend.CUDNN_ATTENTION in backends:
             raise RuntimeError("capture failed")
         return capture(step, dec, backends)
 
@@ -257,6 +259,19 @@ def test_each_captured_shape_keeps_the_attention_choice_that_replays_fastest(tin
         "sdpa without cudnn"}
     with pytest.raises(RuntimeError, match="capture failed"):  # none captures: generate decodes eagerly
         fast_blip._StaticStep(FastBlipDecoder(tiny[0], sdpa_text=True, attention=("sdpa",)), 8, 1, 6, 5, capture=True)
+
+    def out_of_memory_second(step, dec, backends):  # the second graph does not fit beside the first: keep the first
+        if captured:
+            raise torch.cuda.OutOfMemoryError("no room")
+        return capture(step, dec, backends)
+
+    monkeypatch.setattr(fast_blip._StaticStep, "_capture", out_of_memory_second)
+    captured.clear(), timed.clear()
+    step = fast_blip._StaticStep(FastBlipDecoder(tiny[0], sdpa_text=True), 8, 1, 6, 5, capture=True)
+    assert step.graph == "graph 1" and step.attention == "sdpa" and len(captured) == 1
+    captured.append("full")
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # no graph at all: the caller halves the batch
+        fast_blip._StaticStep(FastBlipDecoder(tiny[0], sdpa_text=True), 8, 1, 6, 5, capture=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
