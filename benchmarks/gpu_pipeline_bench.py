@@ -385,8 +385,8 @@ def caption_alone(pool: Path, run: Path, model_args: list[str], monitor: GpuMoni
 
 # what the caption process of a `sieve run` imports before its first BLIP launch (CLIP on)
 # (transformers' model modules are lazy: the BLIP classes load with modeling_blip)
-CAPTION_PROCESS_IMPORTS = ("sieve_tasks.cli", "sieve_tasks.runner", "sieve_tasks.stages.caption", "sieve_tasks.captioner",
-                           "sieve_tasks.encoders", "transformers.models.blip.modeling_blip",
+CAPTION_PROCESS_IMPORTS = ("sieve_tasks.cli", "sieve_tasks.runner", "sieve_tasks.stages.caption",
+                           "sieve_tasks.captioner", "sieve_tasks.encoders", "transformers.models.blip.modeling_blip",
                            "transformers.models.auto.tokenization_auto", "open_clip")
 
 

@@ -47,10 +47,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 log = logging.getLogger(__name__)
 
 HF_DEFAULT_TOP_K = 50  # transformers' GenerationConfig default, active whenever do_sample=True and top_k is unset
-# SDPA kernels a decode step may use, each list explicit (the process-wide flags may have been narrowed, e.g. by the
-# sentence encoder's own choice in a thread beside it); torch picks among them in its order. cuDNN's fused kernel, torch's choice on an H100, took
-# 29 % of a batch-512 decode there for a 19-position self-attention (BENCHMARKS.md §10): which is fastest depends
-# on the card and the shape, so each captured shape is timed with each choice.
+# SDPA kernels a decode step may use; torch picks among each list in its own order. cuDNN's fused kernel, torch's
+# choice on an H100, took 29 % of a batch-512 decode there for a 19-position self-attention (BENCHMARKS.md §10):
+# which is fastest depends on the card and the shape, so each captured shape is timed with each choice. Both lists
+# are explicit: the process-wide flags may have been narrowed (e.g. by the sentence encoder's own choice).
 ATTENTION_CHOICES: dict[str, list[SDPBackend]] = {
     "sdpa": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
     "sdpa without cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
@@ -118,6 +118,8 @@ class _StaticStep:
     so only capture and replay are left untested without a GPU.
     """
 
+    REPLAYS = 3  # timed replays per attention choice
+
     def __init__(self, dec: FastBlipDecoder, rows: int, images: int, tmax: int, image_tokens: int, capture: bool):
         dev, dt = dec.device, dec.dtype
         shape = (len(dec.layers), rows, dec.heads, tmax, dec.head_dim)
@@ -141,8 +143,6 @@ class _StaticStep:
         self.replay_ms: dict[str, float] = {}  # per choice: one replay, mean of REPLAYS (when there was a choice)
         if capture:
             self._capture_fastest(dec)
-
-    REPLAYS = 3
 
     def _eager(self, dec: FastBlipDecoder) -> torch.Tensor:
         return dec._decode_step(self.tok, self.pos, self.cross, self.cache_k, self.cache_v, self.bias, self.out)

@@ -259,7 +259,8 @@ def test_torchvision_path_keeps_pil_views_between_jpegs(tmp_path):
     payloads = {}
     for key, ext, shape in (("a", "jpg", (41, 57)), ("b", "png", (30, 44)), ("c", "jpg", (66, 35))):
         encoded = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(encoded, "JPEG" if ext == "jpg" else "PNG")
+        pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(encoded, "JPEG" if ext == "jpg" else "PNG")
         payloads[key] = (ext, encoded.getvalue())
     tar_path = tmp_path / "00000000.tar"
     with tarfile.open(tar_path, "w") as tar:
@@ -276,7 +277,8 @@ def test_torchvision_path_keeps_pil_views_between_jpegs(tmp_path):
         if ext == "png":
             expected = image_pass.view_of(Image.open(io.BytesIO(payload)).convert("RGB"), 32)
         else:
-            expected = _torchvision_view(torchvision_decode(torch.frombuffer(bytearray(payload), dtype=torch.uint8)), 32)
+            decoded = torchvision_decode(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+            expected = _torchvision_view(decoded, 32)
         assert torch.equal(batch.pixels[32][item.slot], expected), key
 
 
