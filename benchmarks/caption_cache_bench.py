@@ -202,7 +202,7 @@ def measure(mode: str, root: str, shards: list[list[bytes]]) -> dict:
         files = caption_cache.entry_files(space)
         con = duckdb.connect()
         started = time.perf_counter()
-        wanted = pa.table({"sha256": pa.array(shards[0], pa.binary())})
+        con.register("wanted", pa.table({"sha256": pa.array(shards[0], pa.binary())}))
         found = con.sql("SELECT e.sha256, e.captions, e.seconds FROM read_parquet(?) AS e "
                         "JOIN wanted USING (sha256)", params=[files]).fetch_arrow_table()
         result.update(seconds=time.perf_counter() - started, hits=found.num_rows)
