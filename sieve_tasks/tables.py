@@ -27,23 +27,12 @@ import pyarrow.parquet as pq
 from sieve_tasks import storage
 from sieve_tasks.buckets import RadixBuckets
 from sieve_tasks.settings import METADATA_CLIP_COLUMNS, Settings, split_external_spec
+from sieve_tasks.shards import uid_halves
 from sieve_tasks.stages.score import basic_filter_features
 
 SCORE_COLUMNS = {"sieve": "sieve_score", "clip": "clip_score"}
 BASIC_FILTER_COLUMNS = ["text", "original_width", "original_height"]
 SCAN_BATCH = 1 << 20
-
-
-def _hex_pairs() -> np.ndarray:
-    """Two ASCII hex digits of either case, read as a little-endian uint16 → their byte; 0xFFFF for anything else."""
-    table = np.full(1 << 16, 0xFFFF, np.uint16)
-    for byte in range(256):
-        for text in {f"{byte:02x}", f"{byte:02X}", f"{byte:02x}"[0] + f"{byte:02X}"[1], f"{byte:02X}"[0] + f"{byte:02x}"[1]}:
-            table[ord(text[0]) | ord(text[1]) << 8] = byte
-    return table
-
-
-_HEX_PAIRS = _hex_pairs()
 
 
 def score_column(name: str) -> str:
@@ -87,24 +76,6 @@ def parquet_files(uri: str) -> list[str]:
     if not files:
         raise FileNotFoundError(f"no .parquet files in {uri}")
     return files
-
-
-def uid_halves(uids: pa.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(first halves, second halves, valid) of hex uids in either case, vectorised (a 64K-entry table maps each
-    pair of digits to its byte); invalid ones (null, not 32 hex digits) are marked and get 0."""
-    uids = uids.cast(pa.string())
-    valid = pc.fill_null(pc.equal(pc.binary_length(uids), 32), False).to_numpy(zero_copy_only=False)
-    good = uids if valid.all() else uids.filter(pa.array(valid))
-    offsets = np.frombuffer(good.buffers()[1], np.int32)[good.offset : good.offset + len(good) + 1]
-    raw = np.frombuffer(good.buffers()[2], np.uint8)[offsets[0] : offsets[-1]].view("<u2")
-    pairs = np.take(_HEX_PAIRS, raw).reshape(-1, 16)
-    hi, lo = np.zeros(len(uids), np.uint64), np.zeros(len(uids), np.uint64)
-    rows = np.flatnonzero(valid)
-    packed = pairs.astype(np.uint8).view(">u8")
-    hi[rows], lo[rows] = packed[:, 0], packed[:, 1]
-    if len(pairs) and pairs.max() > 0xFF:  # some non-hex digit: find the rows (rare, so only then row by row)
-        valid[rows[(pairs > 0xFF).any(axis=1)]] = False
-    return hi, lo, valid
 
 
 def import_table(con: duckdb.DuckDBPyConnection, table: dict[str, Any]) -> dict[str, int]:

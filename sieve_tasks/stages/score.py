@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from sieve_tasks.masking import make_masker
 from sieve_tasks.settings import SCORE_SETTINGS
-from sieve_tasks.shards import Shard
+from sieve_tasks.shards import Shard, uid_halves
 from sieve_tasks.stages.base import InconsistentRun, ShardStage
 
 SCORES_SCHEMA = pa.schema([
@@ -105,11 +105,11 @@ class ScoreStage(ShardStage):
         features = [basic_filter_features(text, original_width or width, original_height or height)
                     for text, width, height, original_width, original_height
                     in zip(*(column.to_pylist() for column in ok_rows.columns))]
-        uids = captions.column("uid").to_pylist()
         columns = {name: captions.column(name) for name in ("uid", "shard", "key", "position", "url",
                                                             "text_truncated")}
-        columns["uid_hi"] = [None if u is None else int(u[:16], 16) for u in uids]  # the two halves DataComp's
-        columns["uid_lo"] = [None if u is None else int(u[16:], 16) for u in uids]  # subset.npy stores
+        # the uid's two halves, as DataComp's subset.npy stores them (null where the uid is)
+        hi, lo, valid = uid_halves(captions.column("uid").combine_chunks())
+        columns["uid_hi"], columns["uid_lo"] = pa.array(hi, mask=~valid), pa.array(lo, mask=~valid)
         columns.update(status=status, reason=reason)
         at_ok = _placed(rows, ok)
         computed = {"sieve_score": sieve_score, "sieve_mean": sieve_mean, "best_caption": best_caption,

@@ -127,13 +127,14 @@ def test_basic_filter_features():
 
 def test_score_stage_joins_on_the_sample_and_fails_non_finite_scores(monkeypatch, tmp_path):
     """The stage's columns from crafted upstream rows: embedding rows in another order are joined on the sample,
-    failed samples keep their reason and get no scores, a NaN cosine or CLIP score fails its sample with
-    ``non_finite_score``, and the basic filter uses the original size when the sidecar gave one."""
+    uids become DataComp's two uint64 halves (null for a null uid), failed samples keep their reason and get no
+    scores, a NaN cosine or CLIP score fails its sample with ``non_finite_score``, and the basic filter uses the
+    original size when the sidecar gave one."""
     from sieve_tasks.settings import Settings
     from sieve_tasks.shards import Shard
     from sieve_tasks.stages.score import SCORES_SCHEMA, ScoreStage
 
-    uids = [f"{i:032x}" for i in range(1, 5)]
+    uids = [f"{1:032x}", None, f"{3:032x}", "f" * 32]  # a failed sample's uid may be null (missing_from_tar)
     captions = pa.table({
         "uid": uids, "shard": ["00000000"] * 4, "key": ["k0", "k1", "k2", "k3"], "position": [0, 1, 2, 3],
         "url": ["u"] * 4, "text_truncated": [False] * 4,
@@ -156,7 +157,8 @@ def test_score_stage_joins_on_the_sample_and_fails_non_finite_scores(monkeypatch
     assert table.schema == SCORES_SCHEMA
     rows = table.to_pylist()
     assert [r["key"] for r in rows] == ["k0", "k1", "k2", "k3"]
-    assert [r["uid_hi"] for r in rows] == [0] * 4 and [r["uid_lo"] for r in rows] == [1, 2, 3, 4]
+    assert [r["uid_hi"] for r in rows] == [0, None, 0, 2**64 - 1]
+    assert [r["uid_lo"] for r in rows] == [1, None, 3, 2**64 - 1]
     assert [(r["status"], r["reason"]) for r in rows] == [
         ("ok", None), ("failed", "undecodable_image"), ("failed", "non_finite_score"), ("failed", "non_finite_score")]
     assert rows[0]["sieve_score"] == pytest.approx(0.75) and rows[0]["sieve_mean"] == pytest.approx(0.5)
