@@ -356,7 +356,7 @@ class ImagePass:
         pixels = {size: torch.empty((len(with_view), 3, size, size), dtype=torch.uint8, pin_memory=self.pin)
                   for size in self.sizes}
         # numpy copies the views in (one thread, as fast here): torch's copy would use its intra-op threads, which
-        # wait for cores the decode threads hold (a batch of 32 took 13-233 ms to assemble instead of 5-20)
+        # wait for cores the decode threads hold (a first batch of 32 took 13-233 ms to assemble that way, 3-10 now)
         rows = {size: batch.numpy() for size, batch in pixels.items()}
         for item in with_view:
             for size, view in item.views.items():
