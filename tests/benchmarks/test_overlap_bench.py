@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,14 @@ RATIO_LINE = re.compile(r"model (\S+)x data: model ([\d.]+) s, end to end ([\d.]
 def test_small_run_prints_each_ratio_with_the_stand_in_launched(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     overlap_bench = importlib.import_module("overlap_bench")
-    assert overlap_bench.main(["--samples", "48", "--batch", "8", "--repeats", "2", "--workers", "2"]) == 0
+    switch_interval = sys.getswitchinterval()
+    try:
+        assert overlap_bench.main(["--samples", "48", "--batch", "8", "--repeats", "2", "--workers", "2"]) == 0
+    finally:
+        sys.setswitchinterval(switch_interval)  # the benchmark sets `sieve run`'s, process-wide
     out = capsys.readouterr().out
-    assert "48 photos in 1 shards, batch 8" in out and "6 batches" in out
+    assert "48 photos in 1 shards, batch 8 (6 batches)" in out
+    assert re.search(r"image pass alone: [\d.]+ s, \d+ img/s \(median of the 6 runs above", out), out
     figures = {ratio: tuple(map(float, rest)) for ratio, *rest in RATIO_LINE.findall(out)}
     assert list(figures) == ["0.5", "1", "2"], out
     for ratio, (model, total, efficiency, low, high) in figures.items():
