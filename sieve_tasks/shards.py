@@ -186,6 +186,19 @@ def expected_samples(shard: Shard) -> ExpectedSamples:
     return ExpectedSamples()
 
 
+class _EndCheckedTarInfo(tarfile.TarInfo):
+    """A member header as tarfile reads it, except that the archive may end only at an end-of-archive (zero)
+    block. In stream mode tarfile ends the member list silently at a missing, cut or corrupt header after the
+    first member, so a tar cut at a member boundary would read as a complete, shorter shard."""
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        try:
+            return super().fromtarfile(tar)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exc:
+            raise tarfile.ReadError(f"no end-of-archive block at offset {tar.offset} ({exc})") from None
+
+
 def read_samples(shard: Shard, max_pixels: int | None = None) -> Iterator[Sample]:
     """Yield every sample of ``shard`` in tar order; bad members become samples with a ``reason``. With
     ``max_pixels``, each image's header is read too (its size, the pixel limit; nothing is decoded yet)."""
@@ -196,7 +209,8 @@ def read_samples(shard: Shard, max_pixels: int | None = None) -> Iterator[Sample
         try:
             # a large read-ahead buffer: tarfile reads a few KB at a time, and every read that reaches the file
             # releases the GIL and may wait milliseconds to get it back while decode threads run
-            with tarfile.open(fileobj=io.BufferedReader(raw, READ_AHEAD), mode="r|*") as tar:
+            with tarfile.open(fileobj=io.BufferedReader(raw, READ_AHEAD), mode="r|*",
+                              tarinfo=_EndCheckedTarInfo) as tar:
                 for member in tar:
                     key, ext = _split_name(member.name)
                     problem = _member_problem(member, key, ext)

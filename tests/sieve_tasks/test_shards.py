@@ -181,3 +181,33 @@ def test_uid_halves_match_python_on_random_uids():
     hi, lo, valid = uid_halves(pa.array(uids))
     assert valid.all()
     assert [(int(h), int(l)) for h, l in zip(hi, lo)] == [(int(u[:16], 16), int(u[16:], 16)) for u in uids]
+
+
+def test_a_tar_cut_anywhere_before_its_end_block_ends_with_truncated_tar(tmp_path):
+    """tarfile ends a stream silently at a missing, cut or corrupt header: a shard cut at a member boundary (or
+    inside a header, or with a header overwritten) must not read as a complete, shorter shard."""
+    builder = ShardBuilder()
+    for index in range(3):
+        builder.sample(f"k{index}", f"photo {index}", photo_jpeg(size=32))
+    data = builder.tar_bytes()
+    path = tmp_path / "00000000.tar"
+    path.write_bytes(data)
+    full = list(read_samples(Shard("00000000", str(path))))
+    assert [s.reason for s in full] == [None] * 3
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+        end_block = members[-1].offset_data + -(-members[-1].size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    headers = [m.offset for m in members[1:]]
+    cuts = sorted({*headers, *(h + 100 for h in headers), end_block, end_block + 300})
+    for cut in cuts:
+        path.write_bytes(data[:cut])
+        samples = list(read_samples(Shard("00000000", str(path))))
+        assert samples[-1].reason == "truncated_tar", (cut, [(s.key, s.reason) for s in samples])
+        assert [s.key for s in samples[:-1]] == [s.key for s in full[: len(samples) - 1]]
+    path.write_bytes(data[: end_block + tarfile.BLOCKSIZE])  # one end-of-archive block is an end
+    assert list(read_samples(Shard("00000000", str(path)))) == full
+    corrupt = bytearray(data)
+    corrupt[headers[2] : headers[2] + 100] = b"\x01" * 100  # a header's name and checksum overwritten
+    path.write_bytes(bytes(corrupt))
+    samples = list(read_samples(Shard("00000000", str(path))))
+    assert samples[-1].reason == "truncated_tar" and "no end-of-archive block" in samples[-1].meta["error"]
