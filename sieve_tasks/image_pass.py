@@ -44,6 +44,9 @@ if TYPE_CHECKING:  # torch is imported where it is used: the report reads images
 log = logging.getLogger(__name__)
 
 JPEG_MAGIC = b"\xff\xd8"
+# how often a consumer waiting for a batch checks that the producer thread is still alive (a producer that dies
+# without handing over an error or its end would otherwise leave it waiting for ever)
+PRODUCER_CHECK_SECONDS = 1.0
 
 
 class Need(Enum):
@@ -118,7 +121,15 @@ class BatchStream:
 
     def __iter__(self) -> Iterator[ImageBatch]:
         while True:
-            batch = self.results.get()
+            try:
+                batch = self.results.get(timeout=PRODUCER_CHECK_SECONDS)
+            except queue.Empty:
+                if self.producer.is_alive():
+                    continue
+                try:  # it may have handed its last batch over just before it ended
+                    batch = self.results.get_nowait()
+                except queue.Empty:
+                    raise RuntimeError(f"{self.producer.name} ended without finishing its shard") from None
             if batch is None:
                 return
             if isinstance(batch, BaseException):
@@ -267,8 +278,8 @@ class ImagePass:
                     continue
             return False
 
-        stream = torch.cuda.Stream(self.device) if self.jpeg_decoder == "torchvision" and self.pin else None
         try:
+            stream = torch.cuda.Stream(self.device) if self.jpeg_decoder == "torchvision" and self.pin else None
             items: list[Item] = []
             views = 0
 

@@ -165,6 +165,29 @@ def test_a_read_error_reaches_the_consumer(tmp_path, reader_process):
             missing, lambda item: Need.PIXELS))
 
 
+def test_a_producer_that_fails_as_it_starts_fails_the_consumer(sample_pool, tmp_path, monkeypatch):
+    """Its CUDA stream made where its errors are handed over (a sticky CUDA error raises there)."""
+    def broken_stream(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "Stream", broken_stream)
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
+    images = ImagePass((32,), 10**8, batch_size=2, jpeg_decoder="torchvision")
+    images.pin = True  # as on CUDA
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        list(images.batches(shard, lambda item: Need.PIXELS))
+
+
+def test_a_producer_that_ends_without_a_word_fails_the_consumer(sample_pool, tmp_path, monkeypatch):
+    """A producer thread that ends without handing over its end or an error (a bug, a killed thread) is an error
+    for the consumer, not a wait for ever."""
+    monkeypatch.setattr(image_pass, "PRODUCER_CHECK_SECONDS", 0.05)
+    monkeypatch.setattr(ImagePass, "_produce", lambda self, *args: None)
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
+    with pytest.raises(RuntimeError, match="image-pass-00000000 ended without finishing its shard"):
+        list(ImagePass((32,), 10**8, batch_size=2).batches(shard, lambda item: Need.PIXELS))
+
+
 def test_torchvision_jpeg_path_decodes_each_jpeg_once_and_falls_back_to_pil(sample_pool, tmp_path, decodes):
     """The path CUDA takes (nvJPEG), run with torchvision's CPU decoder: the same header check first, the same
     reasons, views within a level or two of PIL's, and PIL only for what torchvision refuses."""
