@@ -2,13 +2,15 @@
 (~170 µs a sample), and PIL each image's header (~40 µs), which on a GPU run would hold the interpreter lock of the
 process that feeds the accelerator.
 
-The reader is ``python -m sieve_tasks.tar_reader`` (a plain subprocess: it imports only the shard reader, whatever
-the parent's main module is). It gets its request (the shard, the pixel limit, the storage options) as JSON on stdin
-and writes the samples to stdout as an Arrow IPC stream, 64 a record batch; the pipe bounds how far it reads ahead.
-An error ends it with exit status 1 and the error as JSON on the last line of stderr. Nothing is pickled. A reader
-costs ~0.5 s to start (imports; pyarrow's first conversion imports pandas): while the caption stage runs on CUDA, one
-is kept started ahead of need (:func:`keep_spare_reader`), waiting for its request — the first one while the models
-load, each next one while a shard is read (a short shard takes less than a reader's start).
+The reader is ``python -m sieve_tasks.tar_reader FD`` (a plain subprocess: it imports only the shard reader,
+whatever the parent's main module is). It gets its request (the shard, the pixel limit, the storage options) as JSON
+on stdin and writes the samples as an Arrow IPC stream, 64 a record batch, to a pipe of their own (file descriptor FD;
+on stdout anything printed as it starts would corrupt them); the pipe bounds how far it reads ahead. An error ends
+it with exit status 1 and the error as JSON on the last line of stderr; a stream that breaks off is an error
+whatever the exit status. Nothing is pickled. A reader costs ~0.5 s to start (imports; pyarrow's first conversion
+imports pandas): while the caption stage runs on CUDA, one is kept started ahead of need (:func:`keep_spare_reader`),
+waiting for its request — the first one while the models load, each next one while a shard is read (a short shard
+takes less than a reader's start).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import IO
 
 import pyarrow as pa
@@ -40,7 +43,23 @@ SAMPLE_SCHEMA = pa.schema([  # Sample's fields, in order
 RAISED_AS = {error.__name__: error for error in (FileNotFoundError, PermissionError, storage.StorageError, OSError)}
 
 
-Reader = tuple[subprocess.Popen, IO[bytes]]  # a reader process and the file that takes its stderr
+@dataclass
+class Reader:
+    """A reader process and its files."""
+
+    process: subprocess.Popen
+    samples: IO[bytes]  # the read end of the samples' pipe
+    errors: IO[bytes]  # the file that takes the process's stdout and stderr
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for file in (self.process.stdin, self.samples, self.errors):
+            if file is not None:
+                file.close()
+
+
 _spare: list[Reader] = []  # at most one reader started ahead of need, waiting for its request
 _keeping = False  # whether a taken spare is replaced at once
 _spare_lock = threading.Lock()
@@ -62,9 +81,7 @@ def stop_spare_reader() -> None:
     with _spare_lock:
         _keeping = False
         while _spare:
-            reader, errors = _spare.pop()
-            _stop(reader)
-            errors.close()
+            _spare.pop().stop()
 
 
 def samples_in_process(shard: Shard, max_pixels: int | None = None) -> Iterator[Sample]:
@@ -76,55 +93,56 @@ def samples_in_process(shard: Shard, max_pixels: int | None = None) -> Iterator[
                               "storage_options": storage.options_snapshot()})
     except TypeError as exc:
         raise TypeError(f"storage options must be JSON values to reach the tar reader process ({exc})") from None
-    reader, errors = _taken_spare() or _spawn()
-    with errors:
+    reader = _taken_spare() or _spawn()
+    try:
+        with reader.process.stdin:
+            reader.process.stdin.write(request.encode())
+        broken = None
         try:
-            with reader.stdin:
-                reader.stdin.write(request.encode())
-            try:
-                for batch in pa.ipc.open_stream(reader.stdout):
-                    columns = batch.to_pydict()
-                    columns["meta"] = [json.loads(meta) for meta in columns["meta"]]
-                    for values in zip(*(columns[name] for name in SAMPLE_SCHEMA.names)):
-                        yield Sample(*values)
-            except pa.ArrowInvalid:  # the stream broke off: the reader's exit status says why
-                pass
-            if reader.wait() != 0:
-                raise _reader_error(shard, reader.returncode, errors)
-        finally:
-            _stop(reader)
+            for batch in pa.ipc.open_stream(reader.samples):
+                columns = batch.to_pydict()
+                columns["meta"] = [json.loads(meta) for meta in columns["meta"]]
+                for values in zip(*(columns[name] for name in SAMPLE_SCHEMA.names)):
+                    yield Sample(*values)
+        except pa.ArrowInvalid as exc:  # the stream broke off: the reader's exit status may say why
+            broken = exc
+        if reader.process.wait() != 0:
+            raise _reader_error(shard, reader.process.returncode, reader.errors)
+        if broken is not None:
+            raise RuntimeError(f"the samples of {shard.tar_uri} came from the reader broken off ({broken})")
+    finally:
+        reader.stop()
 
 
 def _spawn() -> Reader:
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     errors = tempfile.TemporaryFile()
-    reader = subprocess.Popen([sys.executable, "-m", "sieve_tasks.tar_reader"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=errors, env=env, bufsize=PIPE_BUFFER)
-    return reader, errors
+    samples, samples_out = os.pipe()
+    try:
+        process = subprocess.Popen([sys.executable, "-m", "sieve_tasks.tar_reader", str(samples_out)],
+                                   stdin=subprocess.PIPE, stdout=errors, stderr=errors, env=env,
+                                   pass_fds=(samples_out,))
+    except BaseException:
+        os.close(samples)
+        errors.close()
+        raise
+    finally:
+        os.close(samples_out)
+    return Reader(process, os.fdopen(samples, "rb", buffering=PIPE_BUFFER), errors)
 
 
 def _taken_spare() -> Reader | None:
     with _spare_lock:
         if not _spare:
             return None
-        reader, errors = _spare.pop()
+        reader = _spare.pop()
         if _keeping:  # the next read's reader starts now
             _spare.append(_spawn())
-    if reader.poll() is None:
-        return reader, errors
-    _stop(reader)  # it died waiting: a fresh one is started instead
-    errors.close()
+    if reader.process.poll() is None:
+        return reader
+    reader.stop()  # it died waiting: a fresh one is started instead
     return None
-
-
-def _stop(reader: subprocess.Popen) -> None:
-    if reader.poll() is None:
-        reader.kill()
-    reader.wait()
-    for pipe in (reader.stdin, reader.stdout):
-        if pipe is not None:
-            pipe.close()
 
 
 def _reader_error(shard: Shard, status: int, errors) -> Exception:
@@ -151,8 +169,7 @@ def main() -> int:
     if not text:  # a spare reader whose caller ended without a request
         return 0
     request = json.loads(text)
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the samples' channel: anything printed goes to stderr
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    out = os.fdopen(int(sys.argv[1]), "wb")  # the samples' own pipe
     try:
         with storage.restored_options(request["storage_options"]), pa.ipc.new_stream(out, SAMPLE_SCHEMA) as stream:
             chunk: list[Sample] = []

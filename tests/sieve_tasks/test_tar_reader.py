@@ -32,10 +32,10 @@ def test_a_spare_reader_is_taken_by_the_next_read_and_replaced_until_stopped(sam
     tar_reader.keep_spare_reader()
     try:
         for _ in range(2):
-            (spare, _), = tar_reader._spare
+            spare, = (reader.process for reader in tar_reader._spare)
             assert list(samples_in_process(shard)) == expected
             assert spare.returncode == 0  # it read the shard
-            (replacement, _), = tar_reader._spare
+            replacement, = (reader.process for reader in tar_reader._spare)
             assert replacement is not spare and replacement.poll() is None
         replacement.kill()
         replacement.wait()
@@ -44,10 +44,10 @@ def test_a_spare_reader_is_taken_by_the_next_read_and_replaced_until_stopped(sam
         tar_reader.stop_spare_reader()
     assert not tar_reader._spare and replacement.poll() is not None
     assert list(samples_in_process(shard)) == expected and not tar_reader._spare
-    spare, errors = tar_reader._spawn()
-    spare.stdin.close()
-    assert spare.wait(timeout=60) == 0
-    errors.close()
+    spare = tar_reader._spawn()
+    spare.process.stdin.close()
+    assert spare.process.wait(timeout=60) == 0
+    spare.stop()
 
 
 def test_a_reader_that_dies_is_an_error_with_its_last_words(sample_pool, tmp_path, monkeypatch):
@@ -57,6 +57,32 @@ def test_a_reader_that_dies_is_an_error_with_its_last_words(sample_pool, tmp_pat
     monkeypatch.setattr(tar_reader.sys, "executable", str(dying))
     shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
     with pytest.raises(RuntimeError, match=r"ended without finishing the shard \(exit code 3\): MemoryError: killed"):
+        list(samples_in_process(shard))
+
+
+def test_what_the_reader_prints_does_not_reach_the_samples(sample_pool, tmp_path, monkeypatch):
+    """A library that prints on stdout as the reader starts (here a sitecustomize) leaves the samples intact."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("print('hello from an import that prints')\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
+    expected = list(read_samples(shard))
+    assert len(expected) > 1 and list(samples_in_process(shard)) == expected
+
+
+def test_a_stream_that_breaks_off_is_an_error_whatever_the_exit_status(sample_pool, tmp_path, monkeypatch):
+    """The caller's side of the stream breaking off (the reader then ends with status 0, its pipe closed) is an
+    error, not a shorter shard."""
+    real = tar_reader.pa.ipc.open_stream
+
+    def breaking(source):  # the stream's first record batch, then a break
+        yield next(iter(real(source)))
+        raise tar_reader.pa.ArrowInvalid("stream broke off")
+
+    monkeypatch.setattr(tar_reader.pa.ipc, "open_stream", breaking)
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
+    with pytest.raises(RuntimeError, match="came from the reader broken off"):
         list(samples_in_process(shard))
 
 
