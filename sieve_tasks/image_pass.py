@@ -238,7 +238,16 @@ class ImagePass:
 
     def decode_views(self, item: Item) -> dict[int, torch.Tensor]:
         """Decode a sample the pass only looked at (``Need.HEADER``) and return its uint8 views: its one decode."""
-        return self._views(decode(item.sample.image, self.max_pixels))
+        image = decode(item.sample.image, self.max_pixels)
+        self.check_resizable(*image.size)
+        return self._views(image)
+
+    def check_resizable(self, width: int, height: int) -> None:
+        """Refuse (``extreme_aspect_ratio``) an image whose views would be resized through an image over the pixel
+        limit: the shorter side goes to the view's size, so a 1 × 60,000 px line becomes 224 × 13 million px."""
+        short, long = sorted((width, height))
+        if max(self.sizes) * int(max(self.sizes) * long / short) > self.max_pixels:
+            raise SampleError("extreme_aspect_ratio")
 
     def _views(self, image: Image.Image) -> dict[int, torch.Tensor]:
         return {size: view_of(image, size) for size in self.sizes}
@@ -328,6 +337,12 @@ class ImagePass:
         if digests:
             item.digest = hashlib.sha256(sample.image).digest()
         item.need = need(item)
+        if item.need is Need.PIXELS:
+            try:
+                self.check_resizable(sample.width, sample.height)
+            except SampleError as exc:
+                sample.reason, item.need = str(exc), Need.NOTHING
+                return item
         item.jpeg = (item.need is Need.PIXELS and self.jpeg_decoder == "torchvision"
                      and sample.image.startswith(JPEG_MAGIC))
         if item.jpeg:

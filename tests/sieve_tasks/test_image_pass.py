@@ -267,6 +267,35 @@ def test_views_written_in_rounds_are_torchvisions_resize_and_crop():
     assert bool((out == 7).all())
 
 
+@pytest.mark.parametrize("jpeg_decoder", ["pil", "torchvision"])
+def test_an_image_too_long_to_resize_is_refused_before_decoding(tmp_path, jpeg_decoder, decodes):
+    """A 1 × 4,000 px line, whose shorter side going to 32 px would make a 32 × 128,000 px image (here over the
+    pixel limit): refused with its reason, never decoded nor resized; the images beside it go on."""
+    import io
+
+    from PIL import Image
+
+    from sieve_tasks.shards import SampleError, Shard
+    from tests.shardmaker import ShardBuilder, photo_jpeg
+
+    line, square = io.BytesIO(), io.BytesIO()
+    Image.new("RGB", (4000, 1), "red").save(line, "PNG")
+    Image.new("RGB", (300, 300), "blue").save(square, "PNG")
+    builder = ShardBuilder()
+    builder.sample("a", "a photo", photo_jpeg(size=64))
+    builder.sample("line", "a line", line.getvalue(), image_ext="png")
+    builder.sample("square", "a square", square.getvalue(), image_ext="png")
+    builder.write(tmp_path / "00000000.tar")
+    images = ImagePass((32,), 100_000, 4, 1, jpeg_decoder=jpeg_decoder)
+    batch, = images.batches(Shard("00000000", str(tmp_path / "00000000.tar")), lambda item: Need.PIXELS)
+    assert [(item.sample.key, item.sample.reason, item.slot) for item in batch.items] == [
+        ("a", None, 0), ("line", "extreme_aspect_ratio", None), ("square", None, 1)]
+    assert batch.pixels[32].shape == (2, 3, 32, 32)
+    assert hashlib.sha256(line.getvalue()).hexdigest() not in decodes
+    with pytest.raises(SampleError, match="extreme_aspect_ratio"):  # a header-only sample decoded later
+        images.decode_views(image_pass.Item(batch.items[1].sample))
+
+
 def test_torchvision_path_keeps_pil_views_between_jpegs(tmp_path):
     """A PNG between two JPEGs: the JPEGs' rows are written in one round, which leaves garbage in the PNG's row;
     the PNG's view is written after it."""
