@@ -64,8 +64,9 @@ class CaptionStage(ShardStage):
         self._clip = clip
         self._provided: dict[str, dict[str, list[str]]] = {}
         self._cache: CaptionCache | None = None
-        # shards whose image pass started early (compute_shards): fingerprint, marker if complete, captioning
-        self._upcoming: dict[str, tuple[str, dict[str, Any] | None, _ShardCaptioning | None]] = {}
+        # shards whose image pass started early (compute_shards): fingerprint, marker if complete, captioning; or
+        # the error that preparing it raised, raised at its turn
+        self._upcoming: dict[str, tuple[str, dict[str, Any] | None, _ShardCaptioning | None] | Exception] = {}
         self.device = Device.choose(settings.device, settings.dtype)
         self.torch_device = torch.device(self.device.device)
 
@@ -168,7 +169,10 @@ class CaptionStage(ShardStage):
             upcoming = shards[index + 1] if index + 1 < len(shards) else None
             captioning = None
             try:
-                expected, done, captioning = self._upcoming.pop(shard.shard_id, None) or self._prepare(shard)
+                prepared = self._upcoming.pop(shard.shard_id, None) or self._prepare(shard)
+                if isinstance(prepared, Exception):
+                    raise prepared
+                expected, done, captioning = prepared
                 if captioning is None:
                     yield from settle_launched()
                     yield shard, lambda done=done: done
@@ -177,7 +181,10 @@ class CaptionStage(ShardStage):
                 for batch in captioning.stream:
                     captioning.launch_batch(batch)
                     if upcoming is not None:
-                        self._upcoming[upcoming.shard_id] = self._prepare(upcoming)
+                        try:
+                            self._upcoming[upcoming.shard_id] = self._prepare(upcoming)
+                        except Exception as exc:  # that shard's failure: this one is still captioned and written
+                            self._upcoming[upcoming.shard_id] = exc
                         upcoming = None
                     yield from settle_launched()
                 captioning.launch_rest()
@@ -211,9 +218,9 @@ class CaptionStage(ShardStage):
     def close(self) -> None:
         """Stop the image passes of shards started but never processed, a spare tar reader, the captioner's text
         thread and CLIP's tokenizer processes."""
-        for _, _, captioning in self._upcoming.values():
-            if captioning is not None:
-                captioning.close()
+        for prepared in self._upcoming.values():
+            if not isinstance(prepared, Exception) and prepared[2] is not None:
+                prepared[2].close()
         self._upcoming.clear()
         stop_spare_reader()
         for model in (self._captioner, self._clip):

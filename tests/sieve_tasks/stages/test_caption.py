@@ -60,6 +60,29 @@ def test_a_shard_whose_captioning_fails_has_the_shard_before_it_written(sample_p
     assert not (tmp_path / "run" / "captions" / "_done" / "00000001.json").exists()
 
 
+def test_a_shard_that_cannot_be_prepared_fails_at_its_turn(sample_pool, test_profile_run, tmp_path, monkeypatch):
+    """The next shard is prepared (its inputs read, its image pass started) while the current one is captioned: a
+    failure there is the next shard's, raised at its turn, after the current shard is captioned and written."""
+    run = str(tmp_path / "run")
+    shards = register_pool(sample_pool, run)
+    stage = CaptionStage(run, Settings(profile="test"))
+    real = stage.metadata_clip_scores
+
+    def failing(shard):
+        if shard.shard_id == "00000001":
+            raise FileNotFoundError("--clip-from-metadata needs 00000001.parquet")
+        return real(shard)
+
+    monkeypatch.setattr(stage, "metadata_clip_scores", failing)
+    with pytest.raises(FileNotFoundError, match="00000001.parquet"):
+        for _ in caption_shards(stage, shards):
+            pass
+    written = pq.read_table(f"{run}/captions/00000000.parquet")
+    assert written.equals(pq.read_table(f"{test_profile_run}/captions/00000000.parquet"))
+    assert (tmp_path / "run" / "captions" / "_done" / "00000000.json").exists()
+    assert not (tmp_path / "run" / "captions" / "_done" / "00000001.json").exists()
+
+
 class _LateTextCaptioner:
     """Hands out each batch's captions only once the next batch was launched (or the stage collects them at the
     end of the run): a stage that waited for a batch's text before launching the next would stall here."""
