@@ -30,7 +30,7 @@ from sieve_tasks.caption_cache import (
 )
 from sieve_tasks.image_pass import BatchStream, ImageBatch, ImagePass, Item, Need
 from sieve_tasks.models import Device
-from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings
+from sieve_tasks.settings import CAPTION_SETTINGS, METADATA_CLIP_COLUMNS, Settings, fingerprint
 from sieve_tasks.shards import UID_PATTERN, SampleError, Shard, canonical_uids, expected_samples
 from sieve_tasks.stages.base import InconsistentRun, ShardStage
 from sieve_tasks.tar_reader import keep_spare_reader, stop_spare_reader
@@ -77,6 +77,21 @@ class CaptionStage(ShardStage):
         if is_blip_checkpoint(self.settings.captioner):
             settings["captioner_sha256"] = fetch_checkpoint(self.settings.captioner).sha256
         return settings
+
+    def fingerprint(self, shard: Shard) -> str:
+        """The settings' and the tar's fingerprint, and the identity of each file read for the shard beside its tar
+        (``--captions``, the parquet ``--clip-from-metadata`` reads): one replaced at the same path recomputes the
+        shard, as a replaced tar does (without such files the fingerprint is as before)."""
+        base = super().fingerprint(shard)
+        files = {}
+        if self.settings.captions is not None:
+            files["captions"] = self.settings.captions.replace("{shard}", shard.shard_id)
+        if self.settings.clip_from_metadata is not None and self.settings.metadata is None:
+            files["clip_from_metadata"] = shard.metadata_uri
+        if not files:
+            return base
+        return fingerprint({"base": base, "files": {name: storage.file_identity(uri) if storage.exists(uri) else None
+                                                    for name, uri in files.items()}})
 
     def caption_cache(self) -> CaptionCache | None:
         """The ``--caption-cache`` namespace of these settings (made when a shard first needs it: naming a BLIP

@@ -3,12 +3,16 @@ writes what it writes without them."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from concurrent.futures import Future
+from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from sieve_tasks.cli import main
 from sieve_tasks.encoders import ClipEncoder
 from sieve_tasks.models import Device
 from sieve_tasks.pool import register_pool
@@ -81,6 +85,43 @@ def test_a_shard_that_cannot_be_prepared_fails_at_its_turn(sample_pool, test_pro
     assert written.equals(pq.read_table(f"{test_profile_run}/captions/00000000.parquet"))
     assert (tmp_path / "run" / "captions" / "_done" / "00000000.json").exists()
     assert not (tmp_path / "run" / "captions" / "_done" / "00000001.json").exists()
+
+
+def test_provided_captions_replaced_at_the_same_path_are_not_stale(sample_pool, tmp_path):
+    """The captions file's identity is part of the caption fingerprint: a rerun with the file unchanged skips every
+    shard; with new captions at the same path it recomputes them, and the scores' stages after it."""
+    captions = tmp_path / "captions.parquet"
+    uids = [u for path in sorted(Path(sample_pool).glob("*.parquet"))
+            for u in pq.read_table(path, columns=["uid"]).column("uid").to_pylist()]
+    run = str(tmp_path / "run")
+    args = ["run", sample_pool, run, "--profile", "test", "--clip", "none", "--captions", str(captions),
+            "--no-progress"]
+    pq.write_table(pa.table({"uid": uids, "captions": [["a photo"]] * len(uids)}), captions)
+    assert main(args) == 0
+    markers = {path: os.path.getmtime(path) for path in Path(run, "captions", "_done").glob("*.json")}
+    assert main(args) == 0
+    assert {path: os.path.getmtime(path) for path in markers} == markers  # nothing recomputed
+    pq.write_table(pa.table({"uid": uids, "captions": [["a drawing of a cat"]] * len(uids)}), captions)
+    os.utime(captions, ns=(os.stat(captions).st_atime_ns, os.stat(captions).st_mtime_ns + 10**9))
+    assert main(args) == 0
+    written = pq.read_table(Path(run, "captions"), columns=["status", "captions"]).to_pylist()
+    assert {tuple(row["captions"]) for row in written if row["status"] == "ok"} == {("a drawing of a cat",)}
+    scored = pq.read_table(Path(run, "scores"), columns=["status", "best_caption"]).to_pylist()
+    assert {row["best_caption"] for row in scored if row["status"] == "ok"} == {"a drawing of a cat"}
+
+
+def test_the_parquet_clip_from_metadata_reads_is_part_of_the_fingerprint(sample_pool, tmp_path):
+    pool = tmp_path / "pool"
+    shutil.copytree(sample_pool, pool)
+    run = str(tmp_path / "run")
+    shard = register_pool(str(pool), run)[0]
+    stage = CaptionStage(run, Settings(profile="test", clip_from_metadata="b32"))
+    plain = CaptionStage(run, Settings(profile="test")).fingerprint(shard)
+    before = stage.fingerprint(shard)
+    parquet = Path(shard.metadata_uri)
+    os.utime(parquet, ns=(parquet.stat().st_atime_ns, parquet.stat().st_mtime_ns + 10**9))
+    assert stage.fingerprint(shard) not in (before, plain)
+    assert CaptionStage(run, Settings(profile="test")).fingerprint(shard) == plain  # no such file read: as before
 
 
 class _LateTextCaptioner:
