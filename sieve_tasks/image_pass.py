@@ -47,6 +47,8 @@ JPEG_MAGIC = b"\xff\xd8"
 # how often a consumer waiting for a batch checks that the producer thread is still alive (a producer that dies
 # without handing over an error or its end would otherwise leave it waiting for ever)
 PRODUCER_CHECK_SECONDS = 1.0
+# a batch holds at most this many samples per view of its batch size (samples without a view count too)
+ITEMS_PER_VIEW = 4
 
 
 class Need(Enum):
@@ -293,12 +295,13 @@ class ImagePass:
             views = 0
 
             def take(item: Item) -> bool:
-                """Add a prepared sample; hand the batch over once it holds ``batch_size`` views (False: the
-                consumer stopped)."""
+                """Add a prepared sample; hand the batch over once it holds ``batch_size`` views, or
+                ``ITEMS_PER_VIEW`` times as many samples (those without views: cache candidates, failures), so a
+                shard of cache hits is not held whole (False: the consumer stopped)."""
                 nonlocal items, views
                 items.append(item)
                 views += item.slot is not None
-                if views < self.batch_size:
+                if views < self.batch_size and len(items) < ITEMS_PER_VIEW * self.batch_size:
                     return True
                 batch, items, views = items, [], 0
                 return put(self._assemble(batch, stream))

@@ -125,6 +125,16 @@ def test_batches_hold_every_sample_once_in_tar_order(sample_pool, tmp_path):
             224: (len(views), 3, 224, 224), 64: (len(views), 3, 64, 64)}
 
 
+def test_samples_without_views_are_handed_over_in_bounded_batches(sample_pool, tmp_path):
+    """Samples that need no view (a shard of cache candidates, of failures) do not pile up into one batch held until
+    the shard ends: a batch holds at most ``ITEMS_PER_VIEW`` × batch size samples."""
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
+    batches = list(ImagePass((32,), 10**8, batch_size=1).batches(shard, lambda item: Need.HEADER))
+    sizes = [len(batch.items) for batch in batches]
+    assert sum(sizes) > 4 and max(sizes) == 4 == image_pass.ITEMS_PER_VIEW
+    assert all(not batch.pixels for batch in batches)
+
+
 def test_views_are_the_models_own_preprocessing(sample_pool, tmp_path):
     from sieve_tasks.captioner import clip_style_transform
     from sieve_tasks.encoders import ClipEncoder
