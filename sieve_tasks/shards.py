@@ -212,14 +212,14 @@ def read_samples(shard: Shard, max_pixels: int | None = None) -> Iterator[Sample
             with tarfile.open(fileobj=io.BufferedReader(raw, READ_AHEAD), mode="r|*",
                               tarinfo=_EndCheckedTarInfo) as tar:
                 for member in tar:
-                    key, ext = _split_name(member.name)
+                    key, ext = _split_name(valid_utf8(member.name))
                     problem = _member_problem(member, key, ext)
                     if problem:
                         if group_key is not None:
                             yield _assemble(shard, position, group_key, parts, max_pixels)
                             position += 1
                             group_key, parts = None, {}
-                        yield Sample(shard.shard_id, position, member.name, reason=problem)
+                        yield Sample(shard.shard_id, position, valid_utf8(member.name), reason=problem)
                         position += 1
                         continue
                     if key != group_key:
@@ -237,6 +237,17 @@ def read_samples(shard: Shard, max_pixels: int | None = None) -> Iterator[Sample
             return
     if group_key is not None:
         yield _assemble(shard, position, group_key, parts, max_pixels)
+
+
+def valid_utf8(text: str) -> str:
+    """``text`` with what UTF-8 cannot hold escaped: lone surrogates, from member names whose bytes were not UTF-8
+    (``tarfile`` decodes them with ``surrogateescape``) or JSON escapes of half a character, become ``\\uXXXX``
+    text. Outputs are Arrow/parquet strings: one such string would fail the whole shard's write."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -280,7 +291,7 @@ def _fill(sample: Sample, parts: dict[str, bytes]) -> None:
         if not isinstance(meta, dict):
             raise SampleError("malformed_json")
         sample.meta = meta
-        sample.url = meta.get("url") if isinstance(meta.get("url"), str) else None
+        sample.url = valid_utf8(meta["url"]) if isinstance(meta.get("url"), str) else None
     uid = sample.meta.get("uid")
     if isinstance(uid, str) and UID_PATTERN.match(uid.lower()):
         sample.uid = uid.lower()

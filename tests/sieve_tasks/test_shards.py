@@ -211,3 +211,32 @@ def test_a_tar_cut_anywhere_before_its_end_block_ends_with_truncated_tar(tmp_pat
     path.write_bytes(bytes(corrupt))
     samples = list(read_samples(Shard("00000000", str(path))))
     assert samples[-1].reason == "truncated_tar" and "no end-of-archive block" in samples[-1].meta["error"]
+
+
+def test_names_and_urls_that_are_not_utf8_are_escaped_not_fatal(tmp_path):
+    """A member name whose bytes are not UTF-8, a JSON url with half a character: their samples go on with the text
+    escaped (outputs are UTF-8 strings; one lone surrogate would fail the whole shard's write)."""
+    import io
+
+    import pyarrow as pa
+
+    from sieve_tasks.tar_reader import samples_in_process
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        for index, (key, url) in enumerate((("good", "https://a.example/1.jpg"), ("caf\xe9", "https://a.example/2.jpg"),
+                                            ("k", "https://a.example/\ud800.jpg"))):
+            meta = json.dumps({"uid": f"{index:032x}", "url": url}).encode()
+            for ext, data in (("jpg", photo_jpeg(size=32)), ("txt", b"a photo"), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    path = tmp_path / "00000000.tar"
+    path.write_bytes(buffer.getvalue())
+    shard = Shard("00000000", str(path))
+    samples = list(read_samples(shard, max_pixels=10**8))
+    assert [(s.key, s.url, s.reason) for s in samples] == [
+        ("good", "https://a.example/1.jpg", None), ("caf\\udce9", "https://a.example/2.jpg", None),
+        ("k", "https://a.example/\\ud800.jpg", None)]
+    assert pa.array([s.key for s in samples]).type == pa.string() and pa.array([s.url for s in samples])
+    assert list(samples_in_process(shard, max_pixels=10**8)) == samples
