@@ -23,6 +23,7 @@ from PIL import Image
 from sieve_tasks import storage
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SAMPLE_EXTENSIONS = (*IMAGE_EXTENSIONS, "txt", "json")  # the fields read; a sample's other members are skipped
 UID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 SHARD_NAME = re.compile(r"^[0-9A-Za-z_-]+$")
 MAX_TEXT_CHARS = 2000  # longer alt-texts are cut before the models (recorded as text_truncated)
@@ -227,8 +228,9 @@ def read_samples(shard: Shard, max_pixels: int | None = None) -> Iterator[Sample
                             yield _assemble(shard, position, group_key, parts, max_pixels)
                             position += 1
                         group_key, parts = key, {}
-                    extracted = tar.extractfile(member)
-                    parts[ext] = extracted.read() if extracted is not None else b""
+                    if ext in SAMPLE_EXTENSIONS:  # another field (e.g. .npy, .cls) is part of its sample, unread
+                        extracted = tar.extractfile(member)
+                        parts[ext] = extracted.read() if extracted is not None else b""
         except (tarfile.TarError, EOFError) as exc:  # I/O errors are not the shard's fault: they propagate
             truncated = Sample(shard.shard_id, position, group_key or f"<after position {position}>")
             truncated.reason = "truncated_tar"
@@ -265,7 +267,7 @@ def _member_problem(member: tarfile.TarInfo, key: str, ext: str) -> str | None:
         return "link_member"
     if not member.isfile():
         return "stray_member"
-    if not key or not (ext in IMAGE_EXTENSIONS or ext in ("txt", "json")):
+    if not key or not ext:
         return "stray_member"
     return None
 

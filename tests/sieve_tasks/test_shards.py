@@ -240,3 +240,20 @@ def test_names_and_urls_that_are_not_utf8_are_escaped_not_fatal(tmp_path):
         ("k", "https://a.example/\\ud800.jpg", None)]
     assert pa.array([s.key for s in samples]).type == pa.string() and pa.array([s.url for s in samples])
     assert list(samples_in_process(shard, max_pixels=10**8)) == samples
+
+
+def test_a_samples_other_fields_are_part_of_it_wherever_they_sort(tmp_path):
+    """WebDataset samples may carry fields this pipeline does not read (.npy, .cls): before, between or after the
+    ones it reads, they belong to their sample (no stray row, no sample split in two)."""
+    builder = ShardBuilder()
+    builder.raw("a.cls", b"3")
+    builder.sample("a", "a photo", photo_jpeg(size=32))
+    for name, data in (("b.jpg", photo_jpeg(size=32)), ("b.npy", b"\x93NUMPY"), ("b.txt", b"another photo"),
+                       ("b.json", json.dumps({"uid": f"{7:032x}", "url": "https://example.com/b.jpg"}).encode()),
+                       ("b.cls", b"5"), ("README", b"not a sample")):
+        builder.raw(name, data)
+    path = tmp_path / "00000000.tar"
+    builder.write(path)
+    assert [m.name for m in tarfile.open(path).getmembers()][:2] == ["a.cls", "a.jpg"]
+    samples = list(read_samples(Shard("00000000", str(path)), max_pixels=10**8))
+    assert [(s.key, s.reason) for s in samples] == [("a", None), ("b", None), ("README", "stray_member")]
