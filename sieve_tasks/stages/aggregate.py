@@ -227,6 +227,9 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
         done = storage.read_json(uri)
         if done.get("fingerprint") == expected:
             return done
+    # the joined tables below are rewritten before the thresholds that describe them: an aggregate that fails or is
+    # killed in between must not leave earlier thresholds beside another request's join (publish would use both)
+    storage.remove(uri)
     started = time.perf_counter()
     con = connect(run)
     check_score_files(con, files, markers)

@@ -228,3 +228,26 @@ def test_thresholds_keep_the_scan_histograms_of_every_score_used(tied_pool):
 
     by_threshold = aggregate(str(run), Settings(threshold=0.5, clip="none", overwrite=True))
     assert set(by_threshold["histograms"]) == {"sieve"} and sum(by_threshold["histograms"]["sieve"]["counts"]) == 200
+
+
+def test_a_failed_aggregate_leaves_no_thresholds_beside_its_join(tmp_path):
+    """Aggregate rewrites the joined table before its thresholds: one that fails in between (here a table of another
+    pool's uids: nothing to threshold) must not leave the last thresholds, which publish would pair with the new join
+    — nor may the first request, asked again, find its thresholds and skip rewriting its join."""
+    run = tmp_path / "run"
+    write_scored_run(run, {"00000000": [{"uid": uid(i), "sieve_score": 0.1} for i in range(10)]})
+    ours, theirs = tmp_path / "ours.parquet", tmp_path / "theirs.parquet"
+    pq.write_table(pa.table({"uid": [uid(i) for i in range(10)], "s": [float(i) for i in range(10)]}), ours)
+    pq.write_table(pa.table({"uid": [uid(100 + i) for i in range(10)], "s": [1.0] * 10}), theirs)
+    settings = Settings(external_scores={"ext": f"{ours}:s"}, score="ext", fraction=0.3, clip="none")
+    aggregate(str(run), settings)
+    kept = publish(str(run))["counts"]["kept"]
+    assert kept == 4  # DataComp's rule: scores at least the one at index int(10 × 0.3)
+    with pytest.raises(RuntimeError, match="no sample has a ext score"):
+        aggregate(str(run), Settings(external_scores={"ext": f"{theirs}:s"}, score="ext", fraction=0.3, clip="none"))
+    with pytest.raises(FileNotFoundError):
+        publish(str(run))
+    aggregate(str(run), settings)
+    assert publish(str(run))["counts"]["kept"] == kept
+    kept_uids = pq.read_table(run / "manifest" / "kept.parquet", columns=["uid"]).column("uid").to_pylist()
+    assert sorted(kept_uids) == [uid(i) for i in (6, 7, 8, 9)]
