@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -27,6 +28,34 @@ class InconsistentRun(RuntimeError):
 
 def marker_uri(run: str, stage: str, shard_id: str) -> str:
     return storage.join(run, stage, "_done", f"{shard_id}.json")
+
+
+COMMANDS = {"captions": "caption", "embeddings": "embed", "scores": "score"}  # each per-shard stage's command
+
+
+def check_one_result(markers: dict[str, list[dict[str, Any]]]) -> None:
+    """Raise :class:`InconsistentRun` unless the per-shard stages' markers (by stage, in shard order) make one
+    result: each stage ran with one set of settings over every shard, and each shard's embeddings and scores were
+    computed from the outputs the run holds now (a stage run again on a shard, or on a few shards with other
+    settings, without the stages after it would otherwise publish a mixed pool)."""
+    for stage, done in markers.items():
+        by_settings: dict[str, list[str]] = {}
+        for marker in done:
+            by_settings.setdefault(json.dumps(marker["settings"], sort_keys=True), []).append(marker["shard"])
+        if len(by_settings) > 1:
+            (first, shards), (other, others) = list(by_settings.items())[:2]
+            first, other = json.loads(first), json.loads(other)
+            differ = "; ".join(f"{key}: {first.get(key)!r} on {shards[0]}, {other.get(key)!r} on {others[0]}"
+                               for key in sorted({*first, *other}) if first.get(key) != other.get(key))
+            raise InconsistentRun(f"the {stage} of some shards were made with other settings ({differ}): run "
+                                  f"`sieve {COMMANDS[stage]}` again over every shard with one set of settings, and "
+                                  "the stages after it")
+    for stage, upstream in (("embeddings", "captions"), ("scores", "embeddings")):
+        for marker, source in zip(markers.get(stage, []), markers.get(upstream, [])):
+            if marker.get("upstream", source["fingerprint"]) != source["fingerprint"]:  # older markers do not say
+                raise InconsistentRun(f"shard {marker['shard']}: its {stage} were computed from other {upstream} than "
+                                      f"the run holds now (`sieve {COMMANDS[upstream]}` ran again since): run "
+                                      f"`sieve {COMMANDS[stage]}` again for it")
 
 
 def output_uri(run: str, stage: str, shard_id: str) -> str:
@@ -79,6 +108,7 @@ class ShardStage(ABC):
     def __init__(self, run: str, settings: Settings):
         self.run = run
         self.settings = settings
+        self._upstream_used: dict[str, str | None] = {}  # by shard: the upstream marker's fingerprint, for ours
 
     def stage_settings(self) -> dict[str, Any]:
         return self.settings.fingerprinted(self.settings_names)
@@ -110,6 +140,7 @@ class ShardStage(ABC):
                     f"shard {shard.shard_id}: {shard.tar_uri} changed since the {self.upstream} stage read it "
                     f"({done.get('input')} -> {shard.identity}); re-run the caption stage (or sieve run) for it")
             upstream = done["fingerprint"]
+        self._upstream_used[shard.shard_id] = upstream
         return fingerprint({"stage": self.name, "settings": self.stage_settings(), "upstream": upstream,
                             "input": shard.identity})
 
@@ -175,6 +206,7 @@ class ShardStage(ABC):
             "shard": shard.shard_id,
             "fingerprint": expected,
             "input": shard.identity,
+            "upstream": self._upstream_used.get(shard.shard_id),
             "settings": self.stage_settings(),
             "rows": table.num_rows,
             "ok": statuses.get("ok", 0),

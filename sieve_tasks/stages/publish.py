@@ -21,7 +21,7 @@ from sieve_tasks.report.health import HealthRules, assess, histogram_mean
 from sieve_tasks.report.shards import kept_by_shard, shard_table
 from sieve_tasks.stages.aggregate import (candidate_filter, check_score_files, connect, define_views, score_expression,
                                          score_files, scores_fingerprint, thresholds_uri)
-from sieve_tasks.stages.base import InconsistentRun
+from sieve_tasks.stages.base import InconsistentRun, check_one_result
 from sieve_tasks.test_models import is_test_model
 
 SUBSET_DTYPE = np.dtype("u8,u8")
@@ -56,6 +56,8 @@ def publish(run: str, rules: HealthRules | None = None, scheduled: bool = False)
     selection = thresholds["selection"]
     shards = pool_shards(run)
     files, score_markers = score_files(run, shards)
+    markers = stage_markers(run, shards, score_markers)
+    check_one_result(markers)
     if thresholds.get("scores_fingerprint") != scores_fingerprint(score_markers):
         raise InconsistentRun(f"{thresholds_uri(run)} was computed from other scores than the run holds now "
                               "(shards were re-scored since): run aggregate again")
@@ -89,7 +91,6 @@ def publish(run: str, rules: HealthRules | None = None, scheduled: bool = False)
         """
         kept_rows = con.sql(query, params=params + params + [selection["threshold"]]).to_arrow_reader(ROWS_PER_BATCH)
     kept = _write_manifest_files(kept_rows, run, pool_rows)
-    markers = stage_markers(run, shards, score_markers)
     shard_rows = shard_table(markers, kept_by_shard(con, run))
     summary = _summary(run, thresholds, kept, markers)
     summary["duplicates"] = {**duplicated, "note": DUPLICATES_NOTE}  # the file: summary["manifest"]
