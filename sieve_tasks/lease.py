@@ -132,7 +132,9 @@ def release(run: str, owner: str) -> None:
 @contextmanager
 def hold(run: str, owner: str | None = None, ttl: float = DEFAULT_TTL_SECONDS, release_at_end: bool = True
          ) -> Iterator[str]:
-    """Hold the lease for the duration of the block, renewing it every ``ttl / 4`` seconds.
+    """Hold the lease for the duration of the block, renewing it every ``ttl / 4`` seconds. A holder whose lease
+    was taken by another owner (it expired: renewals failed for ``ttl``) raises :class:`LeaseHeld` when the block
+    ends, instead of ending as if its writes were the run's only ones.
 
     A lease shared by many processes (an explicit owner such as an Airflow run id) is not released
     when one of them ends, or its siblings would lose it: pass ``release_at_end=False``; the run's last
@@ -142,11 +144,16 @@ def hold(run: str, owner: str | None = None, ttl: float = DEFAULT_TTL_SECONDS, r
     owner = owner or default_owner()
     acquire(run, owner, ttl)
     stop = threading.Event()
+    lost: list[LeaseHeld] = []
 
     def renew() -> None:
         while not stop.wait(ttl / 4):
             try:
                 acquire(run, owner, ttl)
+            except LeaseHeld as exc:  # another writer took it after it expired
+                log.error("lost the lease on %s: %s", run, exc)
+                lost.append(exc)
+                return
             except Exception:  # a renewal that fails leaves the lease to expire; the work itself goes on
                 log.warning("renewing the lease on %s failed", run, exc_info=True)
 
@@ -167,3 +174,6 @@ def hold(run: str, owner: str | None = None, ttl: float = DEFAULT_TTL_SECONDS, r
                 if not failed:
                     raise
                 log.warning("releasing the lease on %s failed (the run's own error follows)", run, exc_info=True)
+        if lost and not failed:
+            raise LeaseHeld(f"run {run}: the lease was lost while this block wrote ({lost[0]}); its outputs may be "
+                            "mixed with another writer's: check that run, then run this again")

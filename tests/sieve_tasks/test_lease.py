@@ -68,3 +68,17 @@ def test_renewals_use_the_storage_options_of_the_block(tmp_path, monkeypatch):
     with storage.storage_options("s3", {"key": "task-key"}), lease.hold(str(tmp_path / "run"), "holder", ttl=0.2):
         time.sleep(0.3)
     assert len(renewed_with) >= 2 and all(options == {"key": "task-key"} for options in renewed_with)
+
+
+def test_a_holder_whose_lease_was_taken_fails_when_its_block_ends(tmp_path):
+    """Renewals that failed for a whole ttl let the lease expire and another writer take it: the holder must not end
+    as if its writes were the run's only ones (nor release the taker's lease)."""
+    import json
+
+    run = str(tmp_path / "run")
+    with pytest.raises(lease.LeaseHeld, match="the lease was lost while this block wrote"):
+        with lease.hold(run, "holder", ttl=0.4):
+            taken = {"owner": "taker", "acquired_at": time.time(), "expires_at": time.time() + 60}
+            (tmp_path / "run" / "_lease.json").write_text(json.dumps(taken))
+            time.sleep(0.3)
+    assert json.loads((tmp_path / "run" / "_lease.json").read_text())["owner"] == "taker"
