@@ -211,6 +211,12 @@ def candidate_filter(selection: dict[str, Any]) -> str:
 def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     """Compute counts, min/max and the keep threshold for the whole pool; skip when already done."""
     files, markers = score_files(run, pool_shards(run))
+    if settings.clip_from_metadata is not None and settings.metadata is None:
+        used = sorted({str(m["settings"].get("clip_from_metadata")) for m in markers})
+        if used != [settings.clip_from_metadata]:  # without a table to join, the option selects nothing here
+            raise ValueError(f"--clip-from-metadata {settings.clip_from_metadata} without --metadata names the CLIP "
+                             f"score the score stage read, but this run's scores read {', '.join(used)} (None: CLIP "
+                             "computed by the model): give --metadata to join DataComp's column, or drop the option")
     request = settings.subset("score", "weights", "fraction", "threshold", "thresholds_from", "basic_filter")
     request["format"] = THRESHOLDS_FORMAT
     reference = None

@@ -251,3 +251,16 @@ def test_a_failed_aggregate_leaves_no_thresholds_beside_its_join(tmp_path):
     assert publish(str(run))["counts"]["kept"] == kept
     kept_uids = pq.read_table(run / "manifest" / "kept.parquet", columns=["uid"]).column("uid").to_pylist()
     assert sorted(kept_uids) == [uid(i) for i in (6, 7, 8, 9)]
+
+
+def test_clip_from_metadata_without_a_table_must_name_what_the_scores_used(tied_pool):
+    """Without --metadata, aggregate has no column to join: asking for DataComp's L/14 CLIP over scores that hold the
+    model's own CLIP would silently threshold the latter."""
+    run, _, _ = tied_pool
+    with pytest.raises(ValueError, match="this run's scores read None"):
+        aggregate(str(run), Settings(clip_from_metadata="l14", score="clip"))
+    for marker_file in (run / "scores" / "_done").glob("*.json"):
+        marker = json.loads(marker_file.read_text())
+        marker["settings"]["clip_from_metadata"] = "l14"
+        marker_file.write_text(json.dumps(marker))
+    aggregate(str(run), Settings(clip_from_metadata="l14", score="clip"))
