@@ -255,7 +255,8 @@ def _summary(run: str, thresholds: dict[str, Any], kept: int, markers: dict[str,
     scores, score_s, _ = _stage_record(markers["scores"])
     counts = {**thresholds["counts"], "kept": kept, **_expected(markers["captions"])}
     test_profile = is_test_model(captions["captioner"]) or is_test_model(captions.get("clip", ""))
-    unique = counts["scored"] - counts["duplicates"]
+    # the population: the unique scored samples, and with --population metadata the table's uids without one
+    unique = counts["scored"] - counts["duplicates"] + thresholds.get("missing_scores", {}).get("unscored_uids", 0)
     return {
         "counts": counts,
         "kept_fraction_of_unique": kept / unique if unique else 0.0,

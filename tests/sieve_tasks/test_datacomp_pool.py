@@ -93,6 +93,9 @@ def test_clip_subset_with_the_metadata_population_equals_datacomp_byte_for_byte(
     assert (run / "manifest" / "subset.npy").read_bytes() == expected
     summary = json.loads((run / "manifest" / "summary.json").read_text())
     assert summary["population"] == "metadata"
+    population = summary["counts"]["scored"] - summary["counts"]["duplicates"] + summary["missing_scores"]["unscored_uids"]
+    assert summary["missing_scores"]["unscored_uids"] > 0  # uids of the table that no shard holds: kept too
+    assert summary["kept_fraction_of_unique"] == summary["counts"]["kept"] / population <= 1
     assert summary["missing_scores"] == {"clip": 0, "unscored_uids": 9}  # 8 failed downloads + 1 undecodable image
     kept = pq.read_table(run / "manifest" / "kept.parquet").to_pylist()
     scored = [r for r in kept if r["shard"] is not None]
