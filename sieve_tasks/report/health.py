@@ -171,18 +171,20 @@ class HealthCheck:
 
 
 def cdf_distance(a: dict[str, Any], b: dict[str, Any]) -> float:
-    """Kolmogorov-Smirnov distance between two thresholds.json histograms of the same score (same bin width)."""
+    """Kolmogorov-Smirnov distance between two thresholds.json histograms of one score, whatever their bins (an
+    external score's histogram spans its own pool's min/max, so its width differs between runs): each CDF is read
+    at every bin edge of both, linear within a bin."""
     if not a["counts"] or not b["counts"]:
         return 0.0
-    start = min(a["low"], b["low"])
-    offsets = [round((h["low"] - start) / a["width"]) for h in (a, b)]
-    size = max(o + len(h["counts"]) for o, h in zip(offsets, (a, b)))
-    cdfs = []
-    for offset, h in zip(offsets, (a, b)):
-        dense = np.zeros(size)
-        dense[offset:offset + len(h["counts"])] = h["counts"]
-        cdfs.append(np.cumsum(dense) / dense.sum())
-    return float(np.max(np.abs(cdfs[0] - cdfs[1])))
+
+    def edges_and_cdf(histogram: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        counts = np.asarray(histogram["counts"], float)
+        edges = histogram["low"] + histogram["width"] * np.arange(len(counts) + 1)
+        return edges, np.concatenate(([0.0], np.cumsum(counts) / counts.sum()))
+
+    (edges_a, cdf_a), (edges_b, cdf_b) = edges_and_cdf(a), edges_and_cdf(b)
+    points = np.union1d(edges_a, edges_b)
+    return float(np.max(np.abs(np.interp(points, edges_a, cdf_a) - np.interp(points, edges_b, cdf_b))))
 
 
 def histogram_mean(histogram: dict[str, Any] | None) -> float | None:

@@ -51,7 +51,17 @@ def test_drift_against_the_median_of_earlier_runs():
     moved = HealthCheck(HealthRules()).verdict(summary(kept_fraction=0.40), [], {"sieve": shifted}, None, history)
     assert rules_fired(moved) == {"failure_rate": "healthy", "read_vs_expected": "healthy",
                                   "kept_fraction_drift_history": "warning", "score_drift_history": "warning"}
-    assert cdf_distance(same, same) == 0.0 and cdf_distance(same, shifted) == 1.0
+    assert cdf_distance(same, same) == 0.0 and cdf_distance(same, shifted) == pytest.approx(1.0)
+
+
+def test_score_drift_compares_histograms_of_other_bin_widths():
+    """An external score's histogram spans its own pool's min/max: the same distribution binned twice as wide (and
+    from another start) is no drift; one shifted by half its span is."""
+    fine = {"low": 0.0, "width": 0.5, "counts": [1, 1, 1, 1]}
+    coarse = {"low": 0.0, "width": 1.0, "counts": [2, 2]}
+    offset = {"low": -1.0, "width": 1.0, "counts": [0, 2, 2]}
+    assert cdf_distance(fine, coarse) == cdf_distance(coarse, fine) == cdf_distance(fine, offset) == 0.0
+    assert cdf_distance(fine, {"low": 1.0, "width": 1.0, "counts": [2, 2]}) == pytest.approx(0.5)
 
 
 def test_history_is_the_published_runs_before_this_one_beside_it(tmp_path, monkeypatch):
