@@ -58,6 +58,7 @@ def compact(uri: str, max_age_days: float | None = None) -> dict[str, Any]:
         report["fingerprints"] += 1
         con = _connect(uri)
         hits = _load_hits(con, space, report)
+        compacted = True
         for part, files in sorted(_by_partition(space.entries).items()):
             if len(files) == 1 and not hits and cutoff == 0 and (rows := _rows(files[0])) is not None:
                 if rows:  # already one readable file, nothing to fold in: left as it is
@@ -66,8 +67,9 @@ def compact(uri: str, max_age_days: float | None = None) -> dict[str, Any]:
                     report["entries_before"] += rows
                     report["entries_after"] += rows
                 continue
-            _compact_partition(con, space, part, files, cutoff, report)
-        _fold_history(space, hits, report)
+            compacted &= _compact_partition(con, space, part, files, cutoff, report)
+        if compacted:  # else the logs stay: they hold the last use of entries in a partition left as it was
+            _fold_history(space, hits, report)
     return report
 
 
@@ -78,14 +80,23 @@ def _by_partition(files: list[str]) -> dict[str, list[str]]:
     return groups
 
 
+def _broken(exc: BaseException) -> bool:
+    """Whether a read failed on the file's content (not parquet, a cut footer, a page that does not decode) rather
+    than on the request (a storage error, raised again: a failed request is no reason to delete a live entry)."""
+    cause = exc.__cause__ if isinstance(exc, storage.StorageError) and exc.__cause__ is not None else exc
+    return not isinstance(cause, OSError)
+
+
 def _rows(uri: str) -> int | None:
-    """The file's row count from its footer; None if it is unreadable, 0 if it is gone (merged away meanwhile)."""
+    """The file's row count from its footer; None if it is broken, 0 if it is gone (merged away meanwhile)."""
     try:
         with storage.open_file(uri) as handle:
             return pq.ParquetFile(handle).metadata.num_rows
     except FileNotFoundError:
         return 0
     except Exception as exc:  # noqa: BLE001
+        if not _broken(exc):
+            raise
         log.warning("caption cache file %s is unreadable: %s", uri, exc)
         return None
 
@@ -105,6 +116,8 @@ def _load_hits(con: duckdb.DuckDBPyConnection, space: Fingerprinted, report: dic
         except FileNotFoundError:
             continue
         except Exception as exc:  # noqa: BLE001
+            if not _broken(exc):
+                raise
             log.warning("caption cache hit log %s is unreadable, removed: %s", uri, exc)
             storage.remove(uri)
             report["corrupt_files_removed"] += 1
@@ -117,7 +130,8 @@ def _load_hits(con: duckdb.DuckDBPyConnection, space: Fingerprinted, report: dic
 
 
 def _compact_partition(con: duckdb.DuckDBPyConnection, space: Fingerprinted, part: str, files: list[str],
-                       cutoff: int, report: dict[str, Any]) -> None:
+                       cutoff: int, report: dict[str, Any]) -> bool:
+    """Merge a partition's files into one (pruned); False if it was left as it was."""
     readable = []
     for uri in files:
         rows = _rows(uri)
@@ -131,7 +145,7 @@ def _compact_partition(con: duckdb.DuckDBPyConnection, space: Fingerprinted, par
     target = storage.join(space.root, part, f"{uuid.uuid4().hex}.parquet")
     for attempt in (1, 2):
         if not readable:
-            return
+            return True
         try:
             with storage.LocalStaging(target) as staged:
                 merged = con.sql(MERGE, params=[[storage.glob_literal(f) for f in readable], cutoff])
@@ -140,20 +154,24 @@ def _compact_partition(con: duckdb.DuckDBPyConnection, space: Fingerprinted, par
         except duckdb.Error as exc:  # a file whose pages do not read, or one another compaction just merged away
             if attempt == 2:
                 log.warning("caption cache partition %s/%s not compacted (left as it was): %s", space.root, part, exc)
-                return
+                return False
             checked = {uri: _fully_readable(uri) for uri in readable}
             for uri in (uri for uri, ok in checked.items() if ok is False):
                 storage.remove(uri)
                 report["corrupt_files_removed"] += 1
             readable = [uri for uri, ok in checked.items() if ok]
-    kept = _rows(target) or 0
+    kept = _rows(target)
+    if kept is None:  # the merged file does not read back: the sources stay
+        storage.remove(target)
+        return False
     if kept:
         report["files_after"] += 1
         report["entries_after"] += kept
-    else:
+    else:  # pruned to nothing
         storage.remove(target)
     for uri in readable:
         storage.remove(uri)
+    return True
 
 
 def _fully_readable(uri: str) -> bool | None:
@@ -164,6 +182,8 @@ def _fully_readable(uri: str) -> bool | None:
     except FileNotFoundError:
         return None
     except Exception as exc:  # noqa: BLE001
+        if not _broken(exc):
+            raise
         log.warning("caption cache file %s is unreadable, removed: %s", uri, exc)
         return False
 

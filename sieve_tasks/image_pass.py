@@ -340,7 +340,7 @@ class ImagePass:
         if digests:
             item.digest = hashlib.sha256(sample.image).digest()
         item.need = need(item)
-        if item.need is Need.PIXELS:
+        if item.need in (Need.PIXELS, Need.HEADER):  # a cache hit too: a cold run would refuse it when captioning
             try:
                 self.check_resizable(sample.width, sample.height)
             except SampleError as exc:

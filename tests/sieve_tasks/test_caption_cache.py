@@ -214,3 +214,54 @@ def test_two_compactions_at_once_lose_nothing(tmp_path):
     found = cache.index(caption_cache.CacheCounts()).fetch(digests)
     assert {d: c.captions for d, c in found.items()} == {d: [f"caption {i}"] for i, d in enumerate(digests)}
     assert cache_admin.compact(str(tmp_path / "cache"))["entries_after"] == 200
+
+
+@pytest.mark.parametrize("failing", ["a source", "the merged file"])
+def test_a_failed_request_during_compaction_deletes_nothing(tmp_path, monkeypatch, failing):
+    """One storage error (a connection reset) reading a footer is not a broken file: compaction stops with the error,
+    and every entry stays readable."""
+    from sieve_tasks import storage
+
+    cache = caption_cache.CaptionCache(str(tmp_path / "cache"), "fp")
+    digests = [bytes([0]) + caption_cache.image_digest(str(i).encode())[1:] for i in range(40)]  # one partition
+    for start in (0, 20):
+        cache.add([(d, [f"caption {i}"], 0.1) for i, d in enumerate(digests[start : start + 20], start)],
+                  caption_cache.CacheCounts())
+    sources = set(cache_admin.namespaces(str(tmp_path / "cache"))[0].entries)
+    real_open, failed = storage.open_file, []
+
+    def flaky_open(uri, mode="rb"):
+        chosen = uri == min(sources) if failing == "a source" else uri.endswith(".parquet") and uri not in sources
+        if chosen and not failed:
+            failed.append(uri)
+            raise storage.StorageError(f"opening {uri} failed: ConnectionError: Connection reset by peer")
+        return real_open(uri, mode)
+
+    monkeypatch.setattr(cache_admin.storage, "open_file", flaky_open)
+    with pytest.raises(storage.StorageError, match="Connection reset"):
+        cache_admin.compact(str(tmp_path / "cache"))
+    monkeypatch.undo()
+    found = cache.index(caption_cache.CacheCounts()).fetch(digests)
+    assert failed and {d: c.captions for d, c in found.items()} == {d: [f"caption {i}"] for i, d in enumerate(digests)}
+
+
+def test_hit_logs_stay_while_a_partition_is_left_uncompacted(tmp_path, monkeypatch):
+    """A partition whose merge fails keeps its files, and the hit logs stay too: folded away, the last use of its
+    entries would be lost and the next prune would drop entries used today."""
+    cache = caption_cache.CaptionCache(str(tmp_path / "cache"), "fp")
+    digests = [bytes([16 * i]) + caption_cache.image_digest(bytes([i]))[1:] for i in range(4)]  # 4 partitions
+    old = time.time() - 40 * cache_admin.DAY_SECONDS
+    monkeypatch.setattr(caption_cache.time, "time", lambda: old)
+    for i, d in enumerate(digests):
+        cache.add([(d, [f"caption {i}"], 0.5)], caption_cache.CacheCounts())
+    monkeypatch.undo()
+    counts = caption_cache.CacheCounts(hits=1)
+    cache.record_hits([digests[1]], counts)  # used today
+    real = cache_admin._compact_partition
+    monkeypatch.setattr(cache_admin, "_compact_partition",
+                        lambda con, space, part, *rest: False if part == "1" else real(con, space, part, *rest))
+    assert cache_admin.compact(str(tmp_path / "cache"))["hit_logs_folded"] == 0
+    monkeypatch.undo()
+    cache_admin.compact(str(tmp_path / "cache"), max_age_days=30)
+    found = cache.index(caption_cache.CacheCounts()).fetch(digests)
+    assert list(found) == [digests[1]]

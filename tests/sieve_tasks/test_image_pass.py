@@ -304,6 +304,9 @@ def test_an_image_too_long_to_resize_is_refused_before_decoding(tmp_path, jpeg_d
     assert hashlib.sha256(line.getvalue()).hexdigest() not in decodes
     with pytest.raises(SampleError, match="extreme_aspect_ratio"):  # a header-only sample decoded later
         images.decode_views(image_pass.Item(batch.items[1].sample))
+    # a sample the caption cache may hold (its header only): refused too, as a cold run captioning it would
+    looked, = images.batches(Shard("00000000", str(tmp_path / "00000000.tar")), lambda item: Need.HEADER)
+    assert [item.sample.reason for item in looked.items] == [None, "extreme_aspect_ratio", None]
 
 
 def test_torchvision_path_keeps_pil_views_between_jpegs(tmp_path):
