@@ -46,13 +46,13 @@ def plan_sources(run: str, settings: Settings, names: list[str], basic_filter: b
     metadata_columns = ({METADATA_CLIP_COLUMNS[settings.clip_from_metadata]: "clip_score"}
                         if settings.metadata_clip and "clip" in names else {})
     if metadata_columns or (settings.metadata is not None and basic_filter):
-        tables["metadata"] = {"uri": settings.metadata, "files": parquet_files(settings.metadata),
+        tables["metadata"] = {"uri": settings.metadata, **_files_and_identities(settings.metadata),
                               "columns": metadata_columns, "basic_filter": settings.metadata is not None and basic_filter}
     for name in names:
         if name in settings.external_scores:
             uri, column = split_external_spec(name, settings.external_scores[name])
-            tables[f"external_{name}"] = {"uri": uri, "files": parquet_files(uri), "columns": {column: score_column(name)},
-                                          "basic_filter": False}
+            tables[f"external_{name}"] = {"uri": uri, **_files_and_identities(uri),
+                                          "columns": {column: score_column(name)}, "basic_filter": False}
     unknown = [n for n in names if n not in SCORE_COLUMNS and f"external_{n}" not in tables]
     if unknown:
         raise ValueError(f"the selection uses the scores {unknown}: give them with --external-score NAME=URI:COLUMN")
@@ -60,6 +60,17 @@ def plan_sources(run: str, settings: Settings, names: list[str], basic_filter: b
         table["imported"] = storage.join(run, "tables", f"{view}.parquet")
     return {"population": settings.population, "tables": tables,
             "selectable": storage.join(run, "tables", "selectable.parquet") if tables else None}
+
+
+def _files_and_identities(uri: str) -> dict[str, list]:
+    """A table's parquet files and each one's identity (size + mtime, or ETag): recorded in the thresholds'
+    request, so a table replaced at the same path is joined again (as a replaced tar is read again)."""
+    if _single_file(uri):
+        return {"files": [uri], "identities": [storage.file_identity(uri)]}
+    found = storage.list_files_with_identity(uri, ".parquet")  # one listing, not a request per file
+    if not found:
+        raise FileNotFoundError(f"no .parquet files in {uri}")
+    return {"files": sorted(found), "identities": [found[file] for file in sorted(found)]}
 
 
 def check_sources(settings: Settings) -> None:
@@ -72,10 +83,14 @@ def check_sources(settings: Settings) -> None:
 
 def parquet_files(uri: str) -> list[str]:
     """The parquet files of a table given as one file, a dir/prefix or a glob (sorted, explicit)."""
-    files = [uri] if uri.endswith(".parquet") and not any(c in uri for c in "*?[") else storage.list_files(uri, ".parquet")
+    files = [uri] if _single_file(uri) else storage.list_files(uri, ".parquet")
     if not files:
         raise FileNotFoundError(f"no .parquet files in {uri}")
     return files
+
+
+def _single_file(uri: str) -> bool:
+    return uri.endswith(".parquet") and not any(c in uri for c in "*?[")
 
 
 def import_table(con: duckdb.DuckDBPyConnection, table: dict[str, Any]) -> dict[str, int]:

@@ -264,3 +264,22 @@ def test_clip_from_metadata_without_a_table_must_name_what_the_scores_used(tied_
         marker["settings"]["clip_from_metadata"] = "l14"
         marker_file.write_text(json.dumps(marker))
     aggregate(str(run), Settings(clip_from_metadata="l14", score="clip"))
+
+
+def test_a_table_replaced_at_the_same_path_is_joined_again(tmp_path):
+    """The thresholds' request records each table file's identity: new scores at the same path are not skipped as
+    'already computed' (a rerun of the same command would publish the old kept set)."""
+    import os
+
+    run = tmp_path / "run"
+    write_scored_run(run, {"00000000": [{"uid": uid(i), "sieve_score": 0.1} for i in range(10)]})
+    table = tmp_path / "ext.parquet"
+    settings = Settings(external_scores={"ext": f"{table}:s"}, score="ext", fraction=0.3, clip="none")
+    kept = {}
+    for version, scores in (("v1", range(10)), ("v2", range(10, 0, -1))):
+        pq.write_table(pa.table({"uid": [uid(i) for i in range(10)], "s": [float(s) for s in scores]}), table)
+        os.utime(table, ns=(0, (1 if version == "v1" else 2) * 10**18))
+        aggregate(str(run), settings)
+        publish(str(run))
+        kept[version] = sorted(pq.read_table(run / "manifest" / "kept.parquet", columns=["uid"])["uid"].to_pylist())
+    assert kept == {"v1": [uid(i) for i in (6, 7, 8, 9)], "v2": [uid(i) for i in (0, 1, 2, 3)]}
