@@ -37,6 +37,17 @@ def thresholds_uri(run: str) -> str:
     return storage.join(run, "thresholds.json")
 
 
+def manifest_uri(run: str, name: str = "") -> str:
+    return storage.join(run, "manifest", name) if name else storage.join(run, "manifest")
+
+
+def withdraw_publication(run: str) -> None:
+    """Remove what says the run is published (``_SUCCESS`` first) and what reports on it (summary, report), once its
+    thresholds are being replaced: a rerun that fails, or is still running, must not show the last run's verdict."""
+    for name in ("_SUCCESS", "summary.json", "report.html"):
+        storage.remove(manifest_uri(run, name))
+
+
 def duplicates_uri(run: str) -> str:
     return storage.join(run, "duplicates.parquet")
 
@@ -236,6 +247,7 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     # the joined tables below are rewritten before the thresholds that describe them: an aggregate that fails or is
     # killed in between must not leave earlier thresholds beside another request's join (publish would use both)
     storage.remove(uri)
+    withdraw_publication(run)
     started = time.perf_counter()
     con = connect(run)
     check_score_files(con, files, markers)

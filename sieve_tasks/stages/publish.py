@@ -19,8 +19,9 @@ from sieve_tasks.pool import pool_shards
 from sieve_tasks.report import RunReport, stage_markers
 from sieve_tasks.report.health import HealthRules, assess, histogram_mean
 from sieve_tasks.report.shards import kept_by_shard, shard_table
-from sieve_tasks.stages.aggregate import (candidate_filter, check_score_files, connect, define_views, score_expression,
-                                         score_files, scores_fingerprint, thresholds_uri)
+from sieve_tasks.stages.aggregate import (candidate_filter, check_score_files, connect, define_views, manifest_uri,
+                                         score_expression, score_files, scores_fingerprint, thresholds_uri,
+                                         withdraw_publication)
 from sieve_tasks.stages.base import InconsistentRun, check_one_result
 from sieve_tasks.test_models import is_test_model
 
@@ -41,15 +42,12 @@ TEST_PROFILE_WARNING = (
 )
 
 
-def manifest_uri(run: str, name: str = "") -> str:
-    return storage.join(run, "manifest", name) if name else storage.join(run, "manifest")
-
-
 def publish(run: str, rules: HealthRules | None = None, scheduled: bool = False) -> dict[str, Any]:
     """Write the manifest and report of an aggregated run and return its summary (``health.verdict`` says
     whether it may be used; ``scheduled``: a scheduled DAG run, where the test profile is not expected)."""
-    # _SUCCESS goes first and comes back last: whatever a killed publish leaves, it never vouches for it
-    storage.remove(manifest_uri(run, "_SUCCESS"))
+    # _SUCCESS goes first and comes back last: whatever a killed publish leaves, it never vouches for it (nor does
+    # a report of the last publish stay to be shown as this one's)
+    withdraw_publication(run)
     for name in MANIFEST_FILES:
         storage.sweep_temporaries(manifest_uri(run, name))
     thresholds = storage.read_json(thresholds_uri(run))

@@ -283,3 +283,17 @@ def test_a_table_replaced_at_the_same_path_is_joined_again(tmp_path):
         publish(str(run))
         kept[version] = sorted(pq.read_table(run / "manifest" / "kept.parquet", columns=["uid"])["uid"].to_pylist())
     assert kept == {"v1": [uid(i) for i in (6, 7, 8, 9)], "v2": [uid(i) for i in (0, 1, 2, 3)]}
+
+
+def test_new_thresholds_withdraw_the_last_publication(tied_pool):
+    """Once aggregate replaces the thresholds, the last publish's _SUCCESS, summary and report go (the UI would show
+    them for a rerun that failed or is still running); an aggregate that finds its thresholds done leaves them."""
+    run, _, _ = tied_pool
+    aggregate(str(run), Settings(fraction=0.2))
+    publish(str(run))
+    published = {name: run / "manifest" / name for name in ("_SUCCESS", "summary.json", "report.html")}
+    aggregate(str(run), Settings(fraction=0.2))
+    assert all(path.exists() for path in published.values())
+    aggregate(str(run), Settings(fraction=0.5))
+    assert not any(path.exists() for path in published.values())
+    assert publish(str(run))["counts"]["kept"] >= 100 and all(path.exists() for path in published.values())  # ties
