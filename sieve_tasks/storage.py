@@ -294,11 +294,19 @@ def write_if(uri: str, data: bytes, version: str | None) -> None:
         fs.invalidate_cache(path)
 
 
-def _is_precondition_failure(exc: BaseException) -> bool:
+PRECONDITION_CODES = {"PreconditionFailed", "ConditionalRequestConflict", "412"}
+
+
+def _is_precondition_failure(exc: BaseException | None) -> bool:
+    """Whether a conditional PUT was refused (412 PreconditionFailed; 409 ConditionalRequestConflict while another
+    conditional write of the key is in flight), from the error response anywhere in the chain (s3fs keeps botocore's
+    as the cause), never from message text: a connection error's URL may hold "412"."""
     while exc is not None:
-        text = f"{type(exc).__name__} {exc}"
-        if "PreconditionFailed" in text or "412" in text or "ConditionalRequestConflict" in text:
-            return True
+        response = getattr(exc, "response", None)
+        if isinstance(response, dict):
+            code = (response.get("Error") or {}).get("Code")
+            if code in PRECONDITION_CODES or (response.get("ResponseMetadata") or {}).get("HTTPStatusCode") == 412:
+                return True
         exc = exc.__cause__ or exc.__context__
     return False
 

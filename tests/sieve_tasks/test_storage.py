@@ -109,3 +109,21 @@ def test_pool_threads_see_the_options_only_when_carried():
         bare = list(pool.map(lambda _: storage.current_options("s3"), range(4)))
     assert carried == [{"key": "task-key"}] * 4
     assert bare == [{}] * 4  # why the cache readers carry them
+
+
+def test_a_refused_conditional_write_is_told_from_the_error_response_not_its_text():
+    """A connection error whose URL holds "412" (a run id with microseconds) is no lost race; S3's answers are."""
+    from botocore.exceptions import ClientError
+
+    def refused(code: str, status: int) -> OSError:
+        answer = ClientError({"Error": {"Code": code, "Message": "At least one of the pre-conditions did not hold"},
+                              "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+        error = OSError(22, "At least one of the pre-conditions did not hold")
+        error.__cause__ = answer  # as s3fs translates botocore's error
+        return error
+
+    url = "http://minio:9000/bucket/runs/manual__2026-01-05T10_41_23.412345_00_00/_lease.json"
+    assert not storage._is_precondition_failure(ConnectionError(f'Could not connect to the endpoint URL: "{url}"'))
+    assert storage._is_precondition_failure(refused("PreconditionFailed", 412))
+    assert storage._is_precondition_failure(refused("ConditionalRequestConflict", 409))
+    assert not storage._is_precondition_failure(refused("SlowDown", 503))
