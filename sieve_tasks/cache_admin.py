@@ -51,6 +51,9 @@ def _connect(uri: str) -> duckdb.DuckDBPyConnection:
 def compact(uri: str, max_age_days: float | None = None) -> dict[str, Any]:
     """Merge every partition of every fingerprint under ``uri``; with ``max_age_days``, also drop entries not
     used (created or hit) for that long. Returns what it did."""
+    if max_age_days is not None and not max_age_days > 0:  # NaN too
+        raise ValueError(f"prune --days must be a positive number of days, not {max_age_days} (it would drop every "
+                         "entry, those used today too)")
     cutoff = int(time.time() - max_age_days * DAY_SECONDS) if max_age_days is not None else 0
     report = {"fingerprints": 0, "files_before": 0, "files_after": 0, "entries_before": 0, "entries_after": 0,
               "hit_logs_folded": 0, "corrupt_files_removed": 0}

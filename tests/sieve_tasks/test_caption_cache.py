@@ -265,3 +265,12 @@ def test_hit_logs_stay_while_a_partition_is_left_uncompacted(tmp_path, monkeypat
     cache_admin.compact(str(tmp_path / "cache"), max_age_days=30)
     found = cache.index(caption_cache.CacheCounts()).fetch(digests)
     assert list(found) == [digests[1]]
+
+
+@pytest.mark.parametrize("days", ["0", "-3", "nan"])
+def test_prune_refuses_a_window_that_would_drop_every_entry(tmp_path, capsys, days):
+    cache = caption_cache.CaptionCache(str(tmp_path / "cache"), "fp")
+    cache.add([(caption_cache.image_digest(b"x"), ["kept"], 0.5)], caption_cache.CacheCounts())
+    assert main(["cache", "prune", str(tmp_path / "cache"), "--days", days]) == 2
+    assert "must be a positive number of days" in capsys.readouterr().err
+    assert cache.index(caption_cache.CacheCounts()).fetch([caption_cache.image_digest(b"x")])
