@@ -113,8 +113,13 @@ class SampleGrids:
         thumbnails: dict[tuple[str, int], str] = {}
         for shard_id in sorted({r["shard"] for r in picked}):
             wanted = {r["position"] for r in picked if r["shard"] == shard_id}
+            shard = self.shards[shard_id]
             try:
-                for position, image in image_pass.image_bytes(self.shards[shard_id], wanted).items():
+                if shard.identity and shard.current_identity() != shard.identity:
+                    log.warning("no thumbnails from shard %s: %s was replaced since it was scored", shard_id,
+                                shard.tar_uri)  # its images at these positions are others
+                    continue
+                for position, image in image_pass.image_bytes(shard, wanted).items():
                     thumbnails[(shard_id, position)] = thumbnail_uri(image)
             except OSError as exc:  # the input moved or expired since captioning: the grid says "no image"
                 log.warning("no thumbnails from shard %s: %s", shard_id, exc)

@@ -33,12 +33,19 @@ def marker_uri(run: str, stage: str, shard_id: str) -> str:
 COMMANDS = {"captions": "caption", "embeddings": "embed", "scores": "score"}  # each per-shard stage's command
 
 
-def check_one_result(markers: dict[str, list[dict[str, Any]]]) -> None:
+def check_one_result(markers: dict[str, list[dict[str, Any]]], identities: dict[str, str] | None = None) -> None:
     """Raise :class:`InconsistentRun` unless the per-shard stages' markers (by stage, in shard order) make one
-    result: each stage ran with one set of settings over every shard, and each shard's embeddings and scores were
-    computed from the outputs the run holds now (a stage run again on a shard, or on a few shards with other
-    settings, without the stages after it would otherwise publish a mixed pool)."""
+    result: each stage ran with one set of settings over every shard, each shard's embeddings and scores were
+    computed from the outputs the run holds now, and (given the pool's ``identities``, by shard) from the tars the
+    pool records now (a stage run again on a shard, on a few shards with other settings, or a tar replaced, without
+    the stages after it would otherwise publish a mixed pool)."""
     for stage, done in markers.items():
+        for marker in done:
+            recorded = (identities or {}).get(marker["shard"]) or marker.get("input")
+            if marker.get("input", recorded) != recorded:
+                raise InconsistentRun(f"shard {marker['shard']}: its {stage} were computed from its tar before it was "
+                                      "replaced (the pool records another one now): run `sieve run` (or caption, "
+                                      "embed and score) again for it")
         by_settings: dict[str, list[str]] = {}
         for marker in done:
             by_settings.setdefault(json.dumps(marker["settings"], sort_keys=True), []).append(marker["shard"])

@@ -55,7 +55,7 @@ def publish(run: str, rules: HealthRules | None = None, scheduled: bool = False)
     shards = pool_shards(run)
     files, score_markers = score_files(run, shards)
     markers = stage_markers(run, shards, score_markers)
-    check_one_result(markers)
+    check_one_result(markers, {shard.shard_id: shard.identity for shard in shards})
     if thresholds.get("scores_fingerprint") != scores_fingerprint(score_markers):
         raise InconsistentRun(f"{thresholds_uri(run)} was computed from other scores than the run holds now "
                               "(shards were re-scored since): run aggregate again")

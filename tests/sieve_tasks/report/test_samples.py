@@ -31,3 +31,19 @@ def test_bands_hold_the_extremes_of_both_sides(seed):
 
 def test_without_a_histogram_every_row_qualifies():
     assert score_bands(None, 0.5, 32) == [(-np.inf, np.inf)] * 4
+
+
+def test_no_thumbnails_from_a_tar_replaced_since_it_was_scored(sample_pool, tmp_path):
+    """Its images at the scored positions may be others: the grid says "no image" rather than show them."""
+    import types
+
+    from sieve_tasks.pool import register_pool
+    from sieve_tasks.report.samples import SampleGrids
+    from sieve_tasks.shards import Shard
+
+    shard = register_pool(sample_pool, str(tmp_path / "run"))[0]
+    picked = [{"shard": shard.shard_id, "position": 0}, {"shard": shard.shard_id, "position": 1}]
+    as_scored = types.SimpleNamespace(shards={shard.shard_id: shard})
+    assert len(SampleGrids._thumbnails(as_scored, picked)) == 2
+    replaced = types.SimpleNamespace(shards={shard.shard_id: Shard(shard.shard_id, shard.tar_uri, '{"size": 1}')})
+    assert SampleGrids._thumbnails(replaced, picked) == {}

@@ -58,3 +58,18 @@ def test_scoring_after_captioning_again_without_embedding_again_is_refused(test_
     for stage in ("embed", "score"):
         assert main([stage, sample_pool, run, "--profile", "test", "--seed", "1"]) == 0
     assert main(["aggregate", run]) == 0 and main(["publish", run]) == 0
+
+
+def test_publish_refuses_outputs_of_a_tar_the_pool_now_records_as_replaced(test_profile_run, tmp_path, capsys):
+    """A stage that found a shard's tar replaced records its new identity: outputs computed from the old tar no
+    longer belong to the pool."""
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(test_profile_run, run)
+    recorded = json.loads((run / "shards.json").read_text())
+    recorded["identities"]["00000001"] = json.dumps({"mtime": 1.0, "size": 1})
+    (run / "shards.json").write_text(json.dumps(recorded))
+    assert main(["publish", str(run)]) == 2
+    assert "shard 00000001: its captions were computed from its tar before it was replaced" in capsys.readouterr().err
+    assert not (run / "manifest" / "_SUCCESS").exists()
