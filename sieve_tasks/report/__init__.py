@@ -15,7 +15,7 @@ from sieve_tasks.report.health import histogram_mean
 from sieve_tasks.report.samples import SampleGrids
 from sieve_tasks.report.shards import kept_by_shard, shard_table
 from sieve_tasks.shards import Shard
-from sieve_tasks.stages.aggregate import connect, define_views, score_files, thresholds_uri
+from sieve_tasks.stages.aggregate import connect, define_views, score_files, thresholds_uri, use_joined_selectable
 from sieve_tasks.stages.base import marker_uri
 
 EXAMPLES_PER_REASON = 5
@@ -50,6 +50,7 @@ class RunReport:
         files, scores = score_files(run, shards)
         con = connect(run)
         define_views(con, files, thresholds["duplicates_file"])
+        use_joined_selectable(con, thresholds.get("sources"))  # as publish has it
         return cls(run, con, summary, thresholds, shard_table(stage_markers(run, shards, scores),
                                                                kept_by_shard(con, run)))
 

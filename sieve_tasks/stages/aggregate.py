@@ -302,6 +302,16 @@ def aggregate(run: str, settings: Settings) -> dict[str, Any]:
     return result
 
 
+def use_joined_selectable(con: duckdb.DuckDBPyConnection, sources: dict[str, Any] | None) -> bool:
+    """Point ``selectable`` (and ``selectable_file``) at the joined rows aggregate materialised, when the
+    thresholds' sources joined tables; False when they did not (``selectable`` stays ``unique_ok``)."""
+    if not (sources or {}).get("tables"):
+        return False
+    con.read_parquet(storage.glob_literal(sources["selectable"])).create_view("selectable_file")
+    con.execute("CREATE OR REPLACE TEMP VIEW selectable AS SELECT * FROM selectable_file")
+    return True
+
+
 def _selected(selection: dict[str, Any]) -> tuple[list[str], bool]:
     """The score names a selection reads, and whether it applies the basic filter."""
     names = sorted(selection["weights"]) if selection["score"] == "fused" else [selection["score"]]

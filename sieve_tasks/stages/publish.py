@@ -21,7 +21,7 @@ from sieve_tasks.report.health import HealthRules, assess, histogram_mean
 from sieve_tasks.report.shards import kept_by_shard, shard_table
 from sieve_tasks.stages.aggregate import (candidate_filter, check_score_files, connect, define_views, manifest_uri,
                                          score_expression, score_files, scores_fingerprint, thresholds_uri,
-                                         withdraw_publication)
+                                         use_joined_selectable, withdraw_publication)
 from sieve_tasks.stages.base import InconsistentRun, check_one_result
 from sieve_tasks.test_models import is_test_model
 
@@ -67,9 +67,7 @@ def publish(run: str, rules: HealthRules | None = None, scheduled: bool = False)
     expression, params = score_expression(selection)
     external = tuple(c for t in sources["tables"].values() for c in t["columns"].values() if c.startswith("score_"))
     pool_rows = thresholds["counts"]["scored"] + thresholds.get("missing_scores", {}).get("unscored_uids", 0)
-    if sources["tables"]:  # aggregate's joined rows, in pool order, then uids without a scored sample by uid
-        con.read_parquet(storage.glob_literal(sources["selectable"])).create_view("selectable_file")
-        con.execute("CREATE OR REPLACE TEMP VIEW selectable AS SELECT * FROM selectable_file")  # the report's too
+    if use_joined_selectable(con, sources):  # the joined rows (the report's too), in pool order, then uids without
         columns = ", ".join(("shard", "position", "sieve_score", "clip_score") + external)
         query = f"""
             SELECT uid_hi, uid_lo, {columns}, {expression} AS selection_score

@@ -297,3 +297,18 @@ def test_new_thresholds_withdraw_the_last_publication(tied_pool):
     aggregate(str(run), Settings(fraction=0.5))
     assert not any(path.exists() for path in published.values())
     assert publish(str(run))["counts"]["kept"] >= 100 and all(path.exists() for path in published.values())  # ties
+
+
+def test_the_report_of_a_run_with_a_joined_table_is_written_again_the_same(tmp_path):
+    """`sieve report RUN` reads the joined rows as publish did (it failed on an external score's column)."""
+    from sieve_tasks.report import RunReport
+
+    run = tmp_path / "run"
+    write_scored_run(run, {"00000000": [{"uid": uid(i), "sieve_score": 0.1} for i in range(10)]})
+    table = tmp_path / "ext.parquet"
+    pq.write_table(pa.table({"uid": [uid(i) for i in range(10)], "s": [float(i) for i in range(10)]}), table)
+    aggregate(str(run), Settings(external_scores={"ext": f"{table}:s"}, score="ext", fraction=0.3, clip="none"))
+    publish(str(run))
+    published = (run / "manifest" / "report.html").read_bytes()
+    RunReport.load(str(run)).write()
+    assert (run / "manifest" / "report.html").read_bytes() == published
