@@ -205,8 +205,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             result = cache_admin.compact(args.cache, args.days if args.cache_command == "prune" else None)
         print(json.dumps(result, indent=2))
         return 0
-    # a shared owner (--lease-owner, e.g. an Airflow run) keeps the lease until publish, or until it expires
-    shared = args.lease_owner is not None and args.command != "publish"
+    # a shared owner (--lease-owner, e.g. an Airflow run) keeps the lease until publish (which `run` ends with), or
+    # until it expires
+    shared = args.lease_owner is not None and args.command not in ("publish", "run")
     with lease.hold(args.run, args.lease_owner, args.lease_ttl, release_at_end=not shared):
         return _dispatch_run_command(args)
 

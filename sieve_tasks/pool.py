@@ -50,9 +50,12 @@ def pool_shards(run: str) -> list[Shard]:
 
 
 def select_shards(shards: list[Shard], wanted: list[str] | None) -> list[Shard]:
-    """The shards named in ``wanted`` (all when None), with a clear error for an unknown id."""
-    if not wanted:
+    """The shards named in ``wanted`` (all when None), with a clear error for an unknown id or an empty list (a
+    script's or DAG's empty batch must not become the whole pool)."""
+    if wanted is None:
         return shards
+    if not wanted:
+        raise ValueError("--shards names no shard (leave it out for every shard)")
     by_id = {s.shard_id: s for s in shards}
     unknown = [w for w in wanted if w not in by_id]
     if unknown:

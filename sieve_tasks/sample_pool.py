@@ -70,6 +70,8 @@ def make_sample_pool(out: str, shards: int = 2, with_bad_sample: bool = True) ->
 
     ``with_bad_sample`` adds one corrupt JPEG to the last shard, so the demo shows a failure reason.
     """
+    if shards < 1:
+        raise ValueError(f"a sample pool needs at least one shard, not {shards}")
     per_shard = -(-len(SAMPLES) // shards)
     written = []
     for shard in range(shards):

@@ -165,3 +165,15 @@ def test_int8_is_fingerprinted_only_when_on():
         assert Settings(int8=True).fingerprinted(names)["int8"] is True
     with pytest.raises(ValueError, match="--int8"):
         Settings(int8=True, dtype="bf16")
+
+
+@pytest.mark.parametrize("shards", ["", ","])
+def test_an_empty_shard_list_is_refused_not_taken_for_every_shard(sample_pool, tmp_path, capsys, shards):
+    assert main(["caption", sample_pool, str(tmp_path / "run"), "--profile", "test", "--shards", shards]) == 2
+    assert "--shards names no shard" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "captions").exists()
+
+
+def test_a_sample_pool_needs_a_shard(tmp_path, capsys):
+    assert main(["make-sample", str(tmp_path / "pool"), "--shards", "0"]) == 2
+    assert "at least one shard" in capsys.readouterr().err

@@ -82,3 +82,11 @@ def test_a_holder_whose_lease_was_taken_fails_when_its_block_ends(tmp_path):
             (tmp_path / "run" / "_lease.json").write_text(json.dumps(taken))
             time.sleep(0.3)
     assert json.loads((tmp_path / "run" / "_lease.json").read_text())["owner"] == "taker"
+
+
+def test_a_run_with_a_shared_owner_releases_the_lease_when_it_has_published(tmp_path, sample_pool):
+    """`sieve run` ends with publish, the step that releases a shared owner's lease."""
+    run = str(tmp_path / "run")
+    assert main(["run", sample_pool, run, "--profile", "test", "--no-progress", "--lease-owner", "me"]) == 0
+    assert not (tmp_path / "run" / "_lease.json").exists()
+    assert main(["caption", sample_pool, run, "--profile", "test", "--lease-owner", "another"]) == 0
