@@ -26,7 +26,10 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SAMPLE_EXTENSIONS = (*IMAGE_EXTENSIONS, "txt", "json")  # the fields read; a sample's other members are skipped
 UID_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 SHARD_NAME = re.compile(r"^[0-9A-Za-z_-]+$")
-MAX_TEXT_CHARS = 2000  # longer alt-texts are cut before the models (recorded as text_truncated)
+# SIEVE masks the whole alt-text before the sentence encoder keeps its first 256 tokens, so a text is kept whole up
+# to this bound (a masked spam prefix can be thousands of characters long); longer ones, junk, are cut (recorded
+# as text_truncated)
+MAX_TEXT_CHARS = 65_536
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit
 READ_AHEAD = 8 << 20  # bytes read from a tar at a time
 

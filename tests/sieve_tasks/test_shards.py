@@ -58,7 +58,7 @@ def hostile_pool(tmp_path_factory):
     b.raw("k_link.jpg", kind=tarfile.SYMTYPE, linkname="/etc/passwd")
     b.raw("k_hardlink.jpg", kind=tarfile.LNKTYPE, linkname="k_good_1.jpg")
     b.raw("subdir", kind=tarfile.DIRTYPE)
-    good.append(b.sample("k_good_2", "A huge text " * 1000, photo_jpeg("coffee")))
+    good.append(b.sample("k_good_2", "A huge text " * 6000, photo_jpeg("coffee")))
     b.write(pool / "00000000.tar")
 
     truncated = ShardBuilder()
@@ -113,7 +113,7 @@ def test_valid_samples_in_the_same_shards_are_scored(hostile_pool, hostile_run):
 
 def test_huge_text_is_truncated_and_recorded(hostile_run):
     row = next(r for r in _rows(hostile_run) if r["key"] == "k_good_2")
-    assert row["status"] == "ok" and row["text_truncated"] is True and row["num_chars"] == 2000
+    assert row["status"] == "ok" and row["text_truncated"] is True and row["num_chars"] == 65_536
 
 
 def test_counts_add_up_and_show_every_failure(hostile_run):
@@ -257,3 +257,17 @@ def test_a_samples_other_fields_are_part_of_it_wherever_they_sort(tmp_path):
     assert [m.name for m in tarfile.open(path).getmembers()][:2] == ["a.cls", "a.jpg"]
     samples = list(read_samples(Shard("00000000", str(path)), max_pixels=10**8))
     assert [(s.key, s.reason) for s in samples] == [("a", None), ("b", None), ("README", "stray_member")]
+
+
+def test_a_long_alt_text_is_kept_whole_for_masking(tmp_path):
+    """SIEVE masks the whole alt-text before the encoder keeps 256 tokens: a spam prefix masked away must not push
+    the real description out (cut at 2,000 characters, this one kept only the masked prefix)."""
+    from sieve_tasks.masking import make_masker
+
+    text = "stock photo " * 200 + "a red sports car"
+    builder = ShardBuilder()
+    builder.sample("long", text, photo_jpeg(size=32))
+    builder.write(tmp_path / "00000000.tar")
+    sample, = read_samples(Shard("00000000", str(tmp_path / "00000000.tar")))
+    assert (sample.text, sample.text_truncated) == (text, False)
+    assert "a red sports car" in make_masker()(sample.text)
