@@ -84,6 +84,10 @@ class BlipCaptioner:
         if settings.int8:
             quantize_linears(self.model)
         self.prompt_ids = self.tokenizer(settings.prompt, return_tensors="pt").input_ids
+        prompt_tokens = self.prompt_ids.shape[1] - 1  # the decoder's prompt: [DEC] and the words, the [SEP] dropped
+        if settings.max_length <= prompt_tokens:
+            raise ValueError(f"max_length {settings.max_length} leaves no room for a caption after the prompt's "
+                             f"{prompt_tokens} tokens")
         self.prompt = settings.prompt.strip().lower()  # what strip_prompt removes from each caption
         self.view = ImageView(settings.image_size, CLIP_MEAN, CLIP_STD)
         self.fast = FastBlipDecoder(self.model) if settings.fast_decode else None

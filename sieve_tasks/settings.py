@@ -125,9 +125,18 @@ class Settings:
                                  f"{sorted(set(self.selected_scores) - from_tables)}")
         if self.int8 and self.dtype in ("fp16", "bf16"):
             raise ValueError(f"--int8 replaces the linear layers' fp32 math; it cannot be combined with --dtype {self.dtype}")
-        for name in ("num_captions", "caption_batch_size", "embed_batch_size", "decode_workers", "max_pixels"):
+        for name in ("num_captions", "caption_batch_size", "embed_batch_size", "decode_workers", "max_pixels",
+                     "max_length", "image_size"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        # the ranges transformers' generate accepts: the fast decoder would otherwise decode garbage silently (a
+        # penalty of 0 gives empty captions, a negative one rewards repeats, top_p < 0 is greedy)
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be above 0, got {self.repetition_penalty}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.min_length < 0:
+            raise ValueError(f"min_length must be at least 0, got {self.min_length}")
 
     @property
     def score_names(self) -> tuple[str, ...]:

@@ -236,6 +236,23 @@ def test_non_finite_selection_is_refused(args, message, test_profile_run, capsys
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--repetition-penalty", "0"], "repetition_penalty must be above 0"),
+    (["--repetition-penalty", "-1.1"], "repetition_penalty must be above 0"),
+    (["--top-p", "-0.5"], "top_p must be in [0, 1]"),
+    (["--top-p", "1.5"], "top_p must be in [0, 1]"),
+    (["--min-length", "-4"], "min_length must be at least 0"),
+    (["--max-length", "0"], "max_length must be at least 1"),
+    (["--image-size", "0"], "image_size must be at least 1"),
+    (["--max-length", "3"], "max_length 3 leaves no room for a caption after the prompt's 4 tokens"),
+])
+def test_decoding_settings_transformers_refuses_are_refused(args, message, sample_pool, tmp_path, capsys):
+    """The fast decoder would decode them silently (a penalty of 0: every caption empty); transformers raises."""
+    assert main(["caption", sample_pool, str(tmp_path / "run"), "--profile", "test", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("name, value", [("threshold", float("nan")), ("threshold", float("inf")),
                                          ("fraction", float("nan")), ("weights", {"sieve": float("nan"), "clip": 0.5}),
                                          ("weights", {"sieve": float("-inf"), "clip": 0.5})])
