@@ -88,7 +88,9 @@ class BlipCaptioner:
         if settings.max_length <= prompt_tokens:
             raise ValueError(f"max_length {settings.max_length} leaves no room for a caption after the prompt's "
                              f"{prompt_tokens} tokens")
-        self.prompt = settings.prompt.strip().lower()  # what strip_prompt removes from each caption
+        # what strip_prompt removes from each caption: the prompt as its tokens decode (the tokenizer may strip
+        # accents and the decoder space out punctuation: "a picture of:" comes back as "a picture of :")
+        self.prompt = decode_captions(self.tokenizer, self.prompt_ids[:, 1:-1])[0].strip().lower()
         self.view = ImageView(settings.image_size, CLIP_MEAN, CLIP_STD)
         self.fast = FastBlipDecoder(self.model) if settings.fast_decode else None
         self.oom_splits = 0

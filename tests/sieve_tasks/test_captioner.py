@@ -64,6 +64,17 @@ def test_prompt_is_stripped(captioner):
     assert captioner.strip_prompt("a dog") == "a dog"
 
 
+@pytest.mark.parametrize("prompt", ["une photo prise à ", "a picture of: ", "a 'picture' of ", "A PICTURE OF "])
+def test_a_prompt_is_stripped_as_its_tokens_decode(prompt):
+    """BLIP's uncased tokenizer strips accents and its decoder spaces out punctuation: the prompt is matched as it
+    comes back, not as it was written (it stayed in every caption)."""
+    settings = Settings(profile="test", prompt=prompt)
+    captioner = BlipCaptioner(settings.captioner, Device.choose("cpu", "fp32"), settings)
+    tokens = captioner.tokenizer.convert_tokens_to_ids(["a", "dog", "[SEP]"])
+    caption = torch.cat([captioner.prompt_ids[:, :-1], torch.tensor([tokens])], 1)
+    assert captioner._captions(caption.repeat(settings.num_captions, 1)) == [["a dog"] * settings.num_captions]
+
+
 @pytest.mark.parametrize("clean_up", [True, False])
 def test_captions_decode_in_one_native_call_as_transformers_decodes_them(captioner, clean_up, monkeypatch):
     tokenizer = captioner.tokenizer
