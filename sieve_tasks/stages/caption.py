@@ -90,8 +90,7 @@ class CaptionStage(ShardStage):
             files["clip_from_metadata"] = shard.metadata_uri
         if not files:
             return base
-        return fingerprint({"base": base, "files": {name: storage.file_identity(uri) if storage.exists(uri) else None
-                                                    for name, uri in files.items()}})
+        return fingerprint({"base": base, "files": {name: _identity_if_any(uri) for name, uri in files.items()}})
 
     def caption_cache(self) -> CaptionCache | None:
         """The ``--caption-cache`` namespace of these settings (made when a shard first needs it: naming a BLIP
@@ -514,6 +513,14 @@ class _ShardCaptioning:
             "captions": None, "caption_source": None, "metadata_clip_score": metadata_clip.get(sample.uid),
             "clip_score": None,
         }
+
+
+def _identity_if_any(uri: str) -> dict[str, Any] | None:
+    """The file's identity, None where there is no such file (one request, not an existence check first)."""
+    try:
+        return storage.file_identity(uri)
+    except FileNotFoundError:
+        return None
 
 
 def _int_or_none(value: Any) -> int | None:
