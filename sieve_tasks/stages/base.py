@@ -31,6 +31,7 @@ def marker_uri(run: str, stage: str, shard_id: str) -> str:
 
 
 COMMANDS = {"captions": "caption", "embeddings": "embed", "scores": "score"}  # each per-shard stage's command
+UPSTREAMS = {"embeddings": "captions", "scores": "embeddings"}  # the stage each per-shard stage reads
 
 
 def check_one_result(markers: dict[str, list[dict[str, Any]]], identities: dict[str, str] | None = None) -> None:
@@ -41,8 +42,8 @@ def check_one_result(markers: dict[str, list[dict[str, Any]]], identities: dict[
     the stages after it would otherwise publish a mixed pool)."""
     for stage, done in markers.items():
         for marker in done:
-            recorded = (identities or {}).get(marker["shard"]) or marker.get("input")
-            if marker.get("input", recorded) != recorded:
+            recorded = (identities or {}).get(marker["shard"])
+            if recorded and marker.get("input", recorded) != recorded:
                 raise InconsistentRun(f"shard {marker['shard']}: its {stage} were computed from its tar before it was "
                                       "replaced (the pool records another one now): run `sieve run` (or caption, "
                                       "embed and score) again for it")
@@ -57,7 +58,7 @@ def check_one_result(markers: dict[str, list[dict[str, Any]]], identities: dict[
             raise InconsistentRun(f"the {stage} of some shards were made with other settings ({differ}): run "
                                   f"`sieve {COMMANDS[stage]}` again over every shard with one set of settings, and "
                                   "the stages after it")
-    for stage, upstream in (("embeddings", "captions"), ("scores", "embeddings")):
+    for stage, upstream in UPSTREAMS.items():
         for marker, source in zip(markers.get(stage, []), markers.get(upstream, [])):
             if marker.get("upstream", source["fingerprint"]) != source["fingerprint"]:  # older markers do not say
                 raise InconsistentRun(f"shard {marker['shard']}: its {stage} were computed from other {upstream} than "
@@ -109,13 +110,17 @@ class ShardStage(ABC):
     """
 
     name: str
-    upstream: str | None = None
     settings_names: tuple[str, ...]  # the settings that change this stage's output
 
     def __init__(self, run: str, settings: Settings):
         self.run = run
         self.settings = settings
         self._upstream_used: dict[str, str | None] = {}  # by shard: the upstream marker's fingerprint, for ours
+
+    @property
+    def upstream(self) -> str | None:
+        """The stage whose output this one reads (:data:`UPSTREAMS`)."""
+        return UPSTREAMS.get(self.name)
 
     def stage_settings(self) -> dict[str, Any]:
         return self.settings.fingerprinted(self.settings_names)
@@ -133,15 +138,24 @@ class ShardStage(ABC):
     def read_upstream(self, stage: str, shard: Shard, columns: list[str] | None = None) -> pa.Table:
         return read_stage_output(self.run, stage, shard, columns)
 
+    def _marker(self, stage: str, shard: Shard) -> dict[str, Any]:
+        marker = marker_uri(self.run, stage, shard.shard_id)
+        try:
+            return storage.read_json(marker)
+        except FileNotFoundError:
+            raise InconsistentRun(f"shard {shard.shard_id}: the {stage} stage has not completed ({marker} missing)"
+                                  ) from None
+
     def fingerprint(self, shard: Shard) -> str:
+        """Also proves that the upstream output was computed from the output before it that the run holds now (the
+        score stage reads the captions too: captions computed again without the embed stage would pair new captions
+        with old similarities)."""
         upstream = None
         if self.upstream is not None:
-            marker = marker_uri(self.run, self.upstream, shard.shard_id)
-            try:
-                done = storage.read_json(marker)
-            except FileNotFoundError:
-                raise InconsistentRun(f"shard {shard.shard_id}: the {self.upstream} stage has not completed "
-                                      f"({marker} missing)") from None
+            done = self._marker(self.upstream, shard)
+            before = UPSTREAMS.get(self.upstream)
+            if before is not None:
+                check_one_result({self.upstream: [done], before: [self._marker(before, shard)]})
             if done.get("input") != shard.identity:
                 raise InconsistentRun(
                     f"shard {shard.shard_id}: {shard.tar_uri} changed since the {self.upstream} stage read it "

@@ -22,7 +22,6 @@ from sieve_tasks.vectors import STORED_DTYPES, fixed_size_column, lists_column
 
 class EmbedStage(ShardStage):
     name = "embeddings"
-    upstream = "captions"
     settings_names = EMBED_SETTINGS
 
     def __init__(self, run: str, settings: Settings):

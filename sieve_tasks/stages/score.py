@@ -11,11 +11,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sieve_tasks import storage
 from sieve_tasks.masking import make_masker
 from sieve_tasks.settings import SCORE_SETTINGS
 from sieve_tasks.shards import Shard, uid_halves
-from sieve_tasks.stages.base import InconsistentRun, ShardStage, check_one_result, marker_uri
+from sieve_tasks.stages.base import InconsistentRun, ShardStage
 
 SCORES_SCHEMA = pa.schema([
     ("uid", pa.string()), ("uid_hi", pa.uint64()), ("uid_lo", pa.uint64()), ("shard", pa.string()),
@@ -82,22 +81,7 @@ def basic_filter_features(text: str, width: int, height: int) -> dict[str, Any]:
 
 class ScoreStage(ShardStage):
     name = "scores"
-    upstream = "embeddings"
     settings_names = SCORE_SETTINGS
-
-    def fingerprint(self, shard: Shard) -> str:
-        """Also proves that the shard's embeddings were computed from the captions the run holds now: this stage
-        reads both, and captions computed again without the embed stage would pair new captions with old
-        similarities."""
-        expected = super().fingerprint(shard)
-        markers = {}
-        for stage in ("captions", "embeddings"):
-            try:
-                markers[stage] = [storage.read_json(marker_uri(self.run, stage, shard.shard_id))]
-            except FileNotFoundError:
-                raise InconsistentRun(f"shard {shard.shard_id}: the {stage} stage has not completed") from None
-        check_one_result(markers)
-        return expected
 
     def process(self, shard: Shard) -> tuple[pa.Table, dict[str, Any]]:
         captions = self.read_upstream("captions", shard, CAPTION_COLUMNS)
